@@ -1,0 +1,51 @@
+# One-command setup: every target below creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+MODEL_DIR ?= models/tiny-llama
+TRITON_DIR := $(VENV)/triton
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+.PHONY: setup model tritonserver test demo lint bench clean
+
+setup: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build first: a bare `torch` requirement would pull several GB of CUDA wheels.
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+model: $(MODEL_DIR)/config.json
+
+$(MODEL_DIR)/config.json: $(VENV)/.stamp backends/engine/tiny.py
+	$(PY) -m backends.engine.tiny $(MODEL_DIR)
+
+tritonserver: $(TRITON_DIR)/.stamp
+
+$(TRITON_DIR)/.stamp: $(VENV)/.stamp scripts/install_tritonserver.sh
+	PY=$(PY) scripts/install_tritonserver.sh $(TRITON_DIR)
+
+test: setup model tritonserver
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup model
+	$(PY) -m backends.engine generate --model $(MODEL_DIR) --max-tokens 48 --timings \
+		--prompt "The quick brown fox" --prompt "Once upon a time" --prompt "In the beginning"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy backends kv_transfer planner client
+
+bench: setup model
+	$(PY) -m backends.engine.bench --model $(MODEL_DIR)
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

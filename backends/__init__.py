@@ -1,0 +1,1 @@
+"""Triton python-backend models and the engine they run."""

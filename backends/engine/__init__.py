@@ -1,0 +1,1 @@
+"""Paged-KV LLaMA-family engine with separate prefill and decode entry points."""
