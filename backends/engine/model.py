@@ -1,0 +1,160 @@
+"""LLaMA-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+Tokens of a step are flattened: every tensor below is ``[N, ...]`` for the N tokens of the step
+(the prompt tokens of all sequences in prefill, one token per sequence in decode). Parameter names
+match Hugging Face checkpoints so safetensors load by name.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.engine.config import ModelConfig
+from backends.engine.kv_cache import KVPool
+from backends.engine.rope import apply_rotary
+
+
+class StepInput(NamedTuple):
+    """What one forward pass needs besides token ids; built once per step, shared by all layers."""
+
+    positions: torch.Tensor  # [N] long
+    slot_mapping: torch.Tensor  # [N] long: block_id * block_size + offset, where each token's K/V goes
+    cos: torch.Tensor  # [N, head_dim]
+    sin: torch.Tensor  # [N, head_dim]
+    prefill_lens: list[int] | None  # prefill: prompt length of each sequence (tokens are concatenated)
+    block_tables: torch.Tensor | None  # decode: [B, max_blocks] long (padded with 0)
+    key_mask: torch.Tensor | None  # decode: [B, 1, 1, max_blocks * block_size] bool, True = attend
+    last_token_index: torch.Tensor  # [B] index into N of each sequence's last token
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+
+    def forward(self, x: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), step.cos, step.sin)
+        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), step.cos, step.sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        cache = pool.tensor[self.layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
+        flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)
+        flat[0, step.slot_mapping] = k.to(cache.dtype)
+        flat[1, step.slot_mapping] = v.to(cache.dtype)
+        if step.prefill_lens is not None:
+            out = self._prefill_attention(q, k, v, step.prefill_lens)
+        else:
+            out = self._decode_attention(q, cache, step)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+
+    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
+        """[B, kv_heads, L, D] -> [B, heads, L, D] (grouped-query attention)."""
+        groups = self.num_heads // self.num_kv_heads
+        return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
+
+    def _prefill_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]
+    ) -> torch.Tensor:
+        # One causal attention per sequence: no padding, so each row sees exactly its own prompt.
+        outs = []
+        start = 0
+        for length in lens:
+            qs = q[start : start + length].transpose(0, 1)[None]  # [1, H, S, D]
+            ks = self._expand(k[start : start + length].transpose(0, 1)[None])
+            vs = self._expand(v[start : start + length].transpose(0, 1)[None])
+            if self.sliding_window is not None and length > self.sliding_window:
+                i = torch.arange(length, device=q.device)
+                dist = i[:, None] - i[None, :]
+                mask = (dist >= 0) & (dist < self.sliding_window)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+            else:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+            outs.append(o[0].transpose(0, 1))  # [S, H, D]
+            start += length
+        return torch.cat(outs, dim=0)
+
+    def _decode_attention(self, q: torch.Tensor, cache: torch.Tensor, step: StepInput) -> torch.Tensor:
+        assert step.block_tables is not None and step.key_mask is not None
+        b = q.shape[0]
+        kv = cache[:, step.block_tables]  # [2, B, max_blocks, block_size, kv_heads, D]
+        kv = kv.reshape(2, b, -1, self.num_kv_heads, self.head_dim).transpose(2, 3)  # [2, B, kvH, L, D]
+        k, v = self._expand(kv[0]).to(q.dtype), self._expand(kv[1]).to(q.dtype)
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=step.key_mask)  # [B, H, 1, D]
+        return o[:, :, 0, :]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step, pool)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The decoder plus LM head. forward() returns logits of each sequence's last token only."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
+        """input_ids: [N] -> logits [B, vocab] (fp32) for the last token of each sequence."""
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, step, pool)
+        x = self.model.norm(x[step.last_token_index])
+        return self.lm_head(x).float()
