@@ -1,7 +1,7 @@
 """Command line: generate text with the engine.
 
-    python -m backends.engine generate --model DIR --prompt TEXT [--prompt TEXT ...] --max-tokens N
-        [--temperature T --top-k K --top-p P --seed S] [--json] [--timings]
+python -m backends.engine generate --model DIR --prompt TEXT [--prompt TEXT ...] --max-tokens N
+    [--temperature T --top-k K --top-p P --seed S] [--json] [--timings]
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
 def generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(
-            max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
         )
     except RequestError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -49,7 +49,9 @@ class BlockManager:
             raise ValueError(f"cannot allocate {num_blocks} blocks")
         with self._lock:
             if num_blocks > len(self._free):
-                raise OutOfBlocksError(f"need {num_blocks} KV blocks, {len(self._free)} free of {self.num_blocks}")
+                raise OutOfBlocksError(
+                    f"need {num_blocks} KV blocks, {len(self._free)} free of {self.num_blocks}"
+                )
             ids = [self._free.popleft() for _ in range(num_blocks)]
             for b in ids:
                 self._ref[b] = 1

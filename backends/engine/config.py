@@ -27,7 +27,9 @@ class RopeConfig:
 
     def __post_init__(self) -> None:
         if self.rope_type not in ("default", "linear", "dynamic", "llama3"):
-            raise ValueError(f"unsupported rope_scaling type {self.rope_type!r} (default, linear, dynamic, llama3)")
+            raise ValueError(
+                f"unsupported rope_scaling type {self.rope_type!r} (default, linear, dynamic, llama3)"
+            )
         if self.theta <= 0 or self.factor <= 0:
             raise ValueError(f"rope theta and factor must be positive, got {self.theta}, {self.factor}")
 
@@ -70,11 +72,22 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
 
+    @property
+    def derived_max_len(self) -> int:
+        """Longest context the checkpoint supports: dynamic NTK scaling exists to stretch it by its factor."""
+        if self.rope.rope_type == "dynamic":
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_attention_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:

@@ -52,18 +52,23 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
         self.dtype = DTYPES[mc.torch_dtype if config.dtype == "auto" else config.dtype]
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-        self.layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, _name(self.dtype))
+        self.max_model_len = min(config.max_model_len or mc.derived_max_len, mc.derived_max_len)
+        self.layout = KVLayout(
+            mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, _name(self.dtype)
+        )
         if pool is None:
             pool = KVPool.allocate(self.layout, config.num_blocks, self.device)
         elif pool.layout != self.layout or pool.num_blocks != config.num_blocks:
-            raise ValueError(f"KV pool {pool.layout} x{pool.num_blocks} does not match {self.layout} x{config.num_blocks}")
+            raise ValueError(
+                f"KV pool {pool.layout} x{pool.num_blocks} does not match {self.layout} x{config.num_blocks}"
+            )
         self.pool = pool
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         with torch.device("meta"):
             model = CausalLM(mc)
         load_weights(model, config.model_dir, self.dtype, self.device)
+        model.fuse()
         self.model = model.eval()
         self.rotary = RotaryEmbedding(mc.rope, mc.head_dim, mc.max_position_embeddings, self.max_model_len)
         self.rotary.to(self.device)
@@ -109,10 +114,14 @@ class LLMEngine:
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(seq.prompt_len)]
         lens = [s.prompt_len for s in seqs]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        seq_lens = torch.repeat_interleave(torch.tensor(lens, device=self.device), torch.tensor(lens, device=self.device))
+        seq_lens = torch.repeat_interleave(
+            torch.tensor(lens, device=self.device), torch.tensor(lens, device=self.device)
+        )
         cos, sin = self.rotary.cos_sin(pos, seq_lens)
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        step = StepInput(pos, torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, None, None, last)
+        step = StepInput(
+            pos, torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, None, None, last
+        )
         logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), step, self.pool)
         return self._sample_and_append(seqs, logits)
 
@@ -140,7 +149,9 @@ class LLMEngine:
             mask &= key_pos > ctx_t - 1 - window
         cos, sin = self.rotary.cos_sin(pos, ctx_t[:, 0])
         last = torch.arange(len(seqs), device=self.device)
-        step = StepInput(pos, torch.tensor(slots, device=self.device), cos, sin, None, tables, mask[:, None, None, :], last)
+        step = StepInput(
+            pos, torch.tensor(slots, device=self.device), cos, sin, None, tables, mask[:, None, None, :], last
+        )
         logits = self.model(torch.tensor([s.last_token for s in seqs], device=self.device), step, self.pool)
         return self._sample_and_append(seqs, logits)
 
@@ -183,7 +194,9 @@ class LLMEngine:
         self.scheduler.retire_finished()
         return StepResult(batch.kind, [StepOutput(s, t) for s, t in zip(batch.seqs, tokens, strict=True)])
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[Sequence]:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.new_sequence(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         for seq in seqs:
@@ -195,11 +208,13 @@ class LLMEngine:
     # ---- internals -------------------------------------------------------------------------
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs])
+        tokens = sample(
+            logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs]
+        )
         eos = set(self.model_config.eos_token_ids)
         for seq, tok in zip(seqs, tokens, strict=True):
             seq.output_ids.append(tok)
-            if not seq.params.ignore_eos and tok in eos or tok in seq.params.stop_token_ids:
+            if (not seq.params.ignore_eos and tok in eos) or tok in seq.params.stop_token_ids:
                 seq.status, seq.finish_reason = Status.FINISHED, "stop"
             elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.status, seq.finish_reason = Status.FINISHED, "length"

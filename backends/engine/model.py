@@ -38,6 +38,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # fused kernel; same result as below when no cast is involved
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -55,12 +57,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one GEMM instead of three
+
+    def fuse(self) -> None:
+        """Replaces q/k/v projections by one concatenated projection (after weights are loaded)."""
+        self.qkv_proj = _concat_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
         n = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(n, self.num_heads, self.head_dim), step.cos, step.sin)
-        k = apply_rotary(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), step.cos, step.sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        # Rotate q and k heads in one pass: [N, H + kvH, D].
+        qk = apply_rotary(qkv[:, : (h + kvh) * d].view(n, h + kvh, d), step.cos, step.sin)
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + kvh) * d :].view(n, kvh, d)
         cache = pool.tensor[self.layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
         flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)
         flat[0, step.slot_mapping] = k.to(cache.dtype)
@@ -99,12 +113,15 @@ class Attention(nn.Module):
 
     def _decode_attention(self, q: torch.Tensor, cache: torch.Tensor, step: StepInput) -> torch.Tensor:
         assert step.block_tables is not None and step.key_mask is not None
-        b = q.shape[0]
-        kv = cache[:, step.block_tables]  # [2, B, max_blocks, block_size, kv_heads, D]
-        kv = kv.reshape(2, b, -1, self.num_kv_heads, self.head_dim).transpose(2, 3)  # [2, B, kvH, L, D]
-        k, v = self._expand(kv[0]).to(q.dtype), self._expand(kv[1]).to(q.dtype)
-        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=step.key_mask)  # [B, H, 1, D]
-        return o[:, :, 0, :]
+        b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
+        kv = cache[:, step.block_tables]  # [2, B, max_blocks, block_size, kvH, D]
+        kv = kv.view(2, b, -1, kvh, d).transpose(2, 3).to(q.dtype)  # [2, B, kvH, L, D]
+        # Grouped-query attention without copying K/V per query head: the G query heads sharing a
+        # KV head become that head's "query positions" (the mask is per key, so no causality
+        # between them is implied). Query head h uses KV head h // G, as in the reference.
+        qg = q.view(b, kvh, self.num_heads // kvh, d)  # [B, kvH, G, D]
+        o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=step.key_mask)  # [B, kvH, G, D]
+        return o.reshape(b, self.num_heads, d)
 
 
 class MLP(nn.Module):
@@ -113,9 +130,35 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _concat_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _concat_linears(*linears: nn.Linear) -> nn.Linear:
+    first = linears[0]
+    out = sum(lin.out_features for lin in linears)
+    fused = nn.Linear(
+        first.in_features,
+        out,
+        bias=first.bias is not None,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears], dim=0))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears], dim=0))
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -149,6 +192,13 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse(self) -> None:
+        """Concatenates projections that read the same input; call once, after loading weights."""
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:

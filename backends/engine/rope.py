@@ -13,7 +13,9 @@ import torch
 from backends.engine.config import RopeConfig
 
 
-def inv_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int = 0) -> torch.Tensor:
+def inv_frequencies(
+    rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int = 0
+) -> torch.Tensor:
     """[head_dim // 2] inverse frequencies; seq_len matters only for dynamic scaling."""
     base = rope.theta
     if rope.rope_type == "dynamic" and seq_len > max_position_embeddings:
@@ -50,7 +52,9 @@ class RotaryEmbedding:
         self.max_position_embeddings = max_position_embeddings
         self.dynamic = rope.rope_type == "dynamic"
         positions = torch.arange(max_len, dtype=torch.float)
-        self._cos, self._sin = self._table(positions, inv_frequencies(rope, head_dim, max_position_embeddings))
+        self._cos, self._sin = self._table(
+            positions, inv_frequencies(rope, head_dim, max_position_embeddings)
+        )
 
     @staticmethod
     def _table(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +66,9 @@ class RotaryEmbedding:
         self._cos, self._sin = self._cos.to(device), self._sin.to(device)
         return self
 
-    def cos_sin(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [N, head_dim] (fp32) for N token positions.
 
         seq_lens (dynamic scaling only): [N] length of the sequence each token belongs to in this

@@ -66,7 +66,9 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
+) -> list[int]:
     """logits [B, V] fp32; steps[i] is the index of the output token being drawn for row i."""
     tokens = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):

@@ -129,7 +129,9 @@ def _write_json(path: Path, data: dict[str, object]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", help="folder to write the checkpoint into")
     out = build(parser.parse_args().out_dir)
     print(f"wrote the default model to {out}")

@@ -13,7 +13,10 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     same BOS handling), so prompts tokenize here as they do for transformers users."""
     from transformers import AutoTokenizer  # heavy import: only where a tokenizer is needed
 
-    if not (Path(model_dir) / "tokenizer.json").is_file() and not (Path(model_dir) / "tokenizer.model").is_file():
+    if (
+        not (Path(model_dir) / "tokenizer.json").is_file()
+        and not (Path(model_dir) / "tokenizer.model").is_file()
+    ):
         raise FileNotFoundError(f"no tokenizer.json in model folder {model_dir}")
     return AutoTokenizer.from_pretrained(str(model_dir))
 

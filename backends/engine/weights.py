@@ -40,7 +40,9 @@ def load_weights(model: CausalLM, model_dir: str | Path, dtype: torch.dtype, dev
                 tensor = f.get_tensor(name)
                 target = params[name]
                 if tuple(tensor.shape) != tuple(target.shape):
-                    raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+                    raise ValueError(
+                        f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                    )
                 with torch.no_grad():
                     target.copy_(tensor.to(dtype=dtype))
                 missing.discard(name)
