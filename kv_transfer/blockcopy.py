@@ -1,0 +1,123 @@
+"""Host-memory block copies and the packed-bytes checksum, fast enough to keep up with memcpy.
+
+A pool tensor ``[layers, 2, blocks, block_size, heads, head_dim]`` is seen as ``layers*2`` planes of
+``blocks`` rows of ``block_bytes`` bytes. Copying a sequence's blocks is a memcpy per (plane, run of
+consecutive ids on both sides), in chunks of at most ``CHUNK_BYTES`` that are hashed right after the copy
+while they are still in cache. Planes are spread over a small thread pool (numpy's copy and xxhash drop
+the GIL on large buffers).
+
+Checksum definition (the value carried in a KV handle): the packed bytes of a sequence are the
+``gather()`` of its blocks, ``[layers, 2, n, block_size, heads, head_dim]``. Each (layer, K/V) plane of
+those bytes is hashed with xxh3_64; the checksum is the xxh3_64 of the planes' 8-byte big-endian digests
+in plane order, as 16 hex digits. The two-level form lets the planes be hashed in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import xxhash
+
+CHUNK_BYTES = 1 << 20
+Run = tuple[int, int, int]  # (src_start, dst_start, count) in blocks
+
+
+def planes_u8(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU pool (or packed) tensor as a writable uint8 array [layers*2, blocks, block_bytes] (no copy)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("host block copies need a contiguous CPU tensor")
+    layers, kv, blocks = tensor.shape[:3]
+    flat = tensor.reshape(-1).view(torch.uint8).numpy()
+    return flat.reshape(layers * kv, blocks, -1)
+
+
+def matched_runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[Run]:
+    """Splits a block mapping into runs that are consecutive on both sides."""
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+    runs: list[Run] = []
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+def combine_digests(digests: Sequence[int]) -> str:
+    return xxhash.xxh3_64(b"".join(d.to_bytes(8, "big") for d in digests)).hexdigest()
+
+
+def _chunks(runs: list[Run], block_bytes: int) -> list[tuple[int, int, int]]:
+    """(src_byte, dst_byte, nbytes) pieces of at most CHUNK_BYTES (whole runs when blocks are larger)."""
+    per = max(1, CHUNK_BYTES // block_bytes)
+    out = []
+    for s, d, c in runs:
+        for k in range(0, c, per):
+            n = min(per, c - k)
+            out.append(((s + k) * block_bytes, (d + k) * block_bytes, n * block_bytes))
+    return out
+
+
+class PlaneCopier:
+    """Runs plane jobs on ``workers`` threads (1 = in the caller's thread). Close it to stop the threads."""
+
+    def __init__(self, workers: int = 2) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kv-copy") if workers > 1 else None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _map_planes(self, num_planes: int, job: Callable[[int], int]) -> list[int]:
+        def part(first: int) -> list[tuple[int, int]]:
+            return [(p, job(p)) for p in range(first, num_planes, self._workers)]
+
+        if self._pool is None:
+            results = part(0)
+        else:
+            futures = [self._pool.submit(part, w) for w in range(self._workers)]
+            results = [r for f in futures for r in f.result()]
+        return [digest for _, digest in sorted(results)]
+
+    def copy(self, src: np.ndarray, dst: np.ndarray, runs: list[Run], checksum: bool) -> str | None:
+        """Copies blocks plane by plane from src to dst (both from planes_u8); returns the checksum if asked."""
+        if src.shape[0] != dst.shape[0] or src.shape[2] != dst.shape[2]:
+            raise ValueError(f"plane shapes differ: {src.shape} vs {dst.shape}")
+        pieces = _chunks(runs, src.shape[2])
+        src_flat = src.reshape(src.shape[0], -1)
+        dst_flat = dst.reshape(dst.shape[0], -1)
+
+        def job(p: int) -> int:
+            sp, dp = src_flat[p], dst_flat[p]
+            h = xxhash.xxh3_64() if checksum else None
+            for s, d, n in pieces:
+                out = dp[d : d + n]
+                np.copyto(out, sp[s : s + n])
+                if h is not None:
+                    h.update(out)
+            return h.intdigest() if h is not None else 0
+
+        digests = self._map_planes(src.shape[0], job)
+        return combine_digests(digests) if checksum else None
+
+    def checksum(self, src: np.ndarray, block_ids: Sequence[int]) -> str:
+        """The packed-bytes checksum of block_ids read in place (no copy)."""
+        runs = matched_runs(block_ids, range(len(block_ids)))
+        pieces = _chunks(runs, src.shape[2])
+        src_flat = src.reshape(src.shape[0], -1)
+
+        def job(p: int) -> int:
+            sp = src_flat[p]
+            h = xxhash.xxh3_64()
+            for s, _, n in pieces:
+                h.update(sp[s : s + n])
+            return h.intdigest()
+
+        return combine_digests(self._map_planes(src.shape[0], job))

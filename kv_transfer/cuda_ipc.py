@@ -1,0 +1,185 @@
+"""cuda_ipc transport: same node, GPU. Decode copies blocks device-to-device out of the prefill pool.
+
+The prefill pool is exported once per sender (``export`` op: the CUDA IPC memory handle of the pool's
+storage from ``UntypedStorage._share_cuda_``, the same mechanism torch.multiprocessing uses, sent as
+base64 fields in JSON, never pickled). Decode opens it once per sender instance and keeps the mapping.
+A pull then names block ids only: decode checks the lease ("begin"), gathers the blocks into its own
+pool with batched copies (one strided copy per run of consecutive ids on both sides when the runs are
+few, otherwise one index_select + index_copy per layer, never a copy per block per layer), synchronizes
+its stream, then acknowledges. Device indices in the export are the prefill process's numbering: both
+processes must see the GPUs in the same order (same CUDA_VISIBLE_DEVICES).
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+from typing import Any
+
+import torch
+
+from backends.engine.block_manager import BlockManager
+from backends.engine.kv_cache import KVPool
+from kv_transfer.base import KVReceiver, KVSender, ProgressFn
+from kv_transfer.blockcopy import matched_runs, planes_u8
+from kv_transfer.config import ReceiverConfig, SenderConfig
+from kv_transfer.control import Handler, Header
+from kv_transfer.errors import KVProtocolError
+from kv_transfer.handle import KVHandle, ShardRef
+from kv_transfer.reshard import ShardPlan
+from kv_transfer.tcp import shard_layout
+
+
+def _require_cuda(pool: KVPool, side: str) -> None:
+    if pool.device.type != "cuda":
+        raise ValueError(f"the cuda_ipc {side} needs a pool on a CUDA device, got {pool.device}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class CudaIpcSender(KVSender):
+    transport = "cuda_ipc"
+
+    def __init__(self, pool: KVPool, block_manager: BlockManager, config: SenderConfig) -> None:
+        _require_cuda(pool, "sender")
+        super().__init__(pool, block_manager, config)
+        self._export: Header | None = None
+
+    def _extra_handlers(self) -> dict[str, Handler]:
+        return {"export": self._op_export}
+
+    def _op_export(self, request: Header, conn: socket.socket) -> Header:
+        self._check_instance(request)
+        if self._export is None:
+            t = self.pool.tensor
+            dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = (
+                t.untyped_storage()._share_cuda_()
+            )
+            self._export = {
+                "ok": True,
+                "device": int(dev),
+                "handle": _b64(handle),
+                "storage_size": int(size),
+                "storage_offset_bytes": int(offset),
+                "ref_counter_handle": _b64(rc_handle),
+                "ref_counter_offset": int(rc_offset),
+                "event_handle": _b64(ev_handle) if ev_handle else "",
+                "event_sync_required": bool(ev_sync),
+                "tensor_offset": int(t.storage_offset()),
+                "shape": list(t.shape),
+                "dtype": self.pool.layout.dtype,
+            }
+        return self._export
+
+
+def import_pool(export: Header, expected_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Opens an exported pool as a tensor of this process (validated against the handle's layout)."""
+    try:
+        fields: dict[str, Any] = {
+            "device": int(export["device"]),
+            "handle": base64.b64decode(export["handle"], validate=True),
+            "size": int(export["storage_size"]),
+            "offset": int(export["storage_offset_bytes"]),
+            "rc_handle": base64.b64decode(export["ref_counter_handle"], validate=True),
+            "rc_offset": int(export["ref_counter_offset"]),
+            "ev_handle": base64.b64decode(export["event_handle"], validate=True)
+            if export["event_handle"]
+            else None,
+            "ev_sync": bool(export["event_sync_required"]),
+            "tensor_offset": int(export["tensor_offset"]),
+        }
+        shape = tuple(int(x) for x in export["shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KVProtocolError(f"malformed cuda_ipc export: {exc!r}") from None
+    if shape != expected_shape:
+        raise KVProtocolError(f"exported pool shape {shape} does not match the handle's {expected_shape}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    for d in shape:
+        numel *= d
+    if (fields["tensor_offset"] + numel) * itemsize > fields["size"]:
+        raise KVProtocolError("exported storage is smaller than the pool it claims to hold")
+    storage = torch.UntypedStorage._new_shared_cuda(
+        fields["device"],
+        fields["handle"],
+        fields["size"],
+        fields["offset"],
+        fields["rc_handle"],
+        fields["rc_offset"],
+        fields["ev_handle"],
+        fields["ev_sync"],
+    )
+    tensor = torch.empty((0,), dtype=dtype, device=f"cuda:{fields['device']}")
+    stride = torch.empty(shape, dtype=dtype, device="meta").stride()
+    tensor.set_(storage, fields["tensor_offset"], shape, stride)
+    return tensor
+
+
+def copy_blocks_cuda(
+    src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int], plan: ShardPlan
+) -> None:
+    """Batched device-to-device gather of blocks (all layers) from src into dst at the plan's heads."""
+    runs = matched_runs(src_ids, dst_ids)
+    num_layers = src.shape[0]
+    if plan.full and len(runs) <= num_layers:
+        for s, d, c in runs:  # one strided copy per run covers every layer, K and V
+            dst[:, :, d : d + c].copy_(src[:, :, s : s + c], non_blocking=True)
+        return
+    s_idx = torch.as_tensor(src_ids, dtype=torch.long, device=src.device)
+    d_idx = torch.as_tensor(dst_ids, dtype=torch.long, device=dst.device)
+    for layer in range(num_layers):  # bounded staging: one layer's blocks at a time
+        part = src[layer].index_select(1, s_idx)
+        if plan.full:
+            dst[layer].index_copy_(1, d_idx, part.to(dst.device, non_blocking=True))
+        else:
+            dst[layer][:, d_idx, :, plan.dst_heads] = part[:, :, :, plan.src_heads].to(
+                dst.device, non_blocking=True
+            )
+
+
+class CudaIpcReceiver(KVReceiver):
+    transport = "cuda_ipc"
+
+    def __init__(self, pool: KVPool, config: ReceiverConfig) -> None:
+        _require_cuda(pool, "receiver")
+        super().__init__(pool, config)
+        self._imported: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _source(self, handle: KVHandle, shard: ShardRef) -> torch.Tensor:
+        key = (shard.address, shard.instance)
+        src = self._imported.get(key)
+        if src is None:
+            layout = shard_layout(handle)
+            export = self._request(shard, "export")
+            src = import_pool(export, layout.pool_shape(shard.pool_blocks), layout.torch_dtype)
+            self._imported[key] = src
+        return src
+
+    def _pull_shard(
+        self,
+        handle: KVHandle,
+        shard: ShardRef,
+        plan: ShardPlan,
+        dst_ids: list[int],
+        on_progress: ProgressFn | None,
+    ) -> tuple[int, bool]:
+        self._request(shard, "begin")
+        src = self._source(handle, shard)
+        torch.cuda.set_device(self.pool.device)
+        copy_blocks_cuda(src, shard.block_ids, self.pool.tensor, dst_ids, plan)
+        nbytes = shard_layout(handle).bytes_per_block * handle.num_blocks
+        if self.config.verify_checksum and shard.checksum is not None:
+            # Optional on GPU: the hash runs on the host, so this costs a device-to-host copy.
+            packed = src.index_select(2, torch.as_tensor(shard.block_ids, device=src.device)).cpu()
+            actual = self._copier.checksum(planes_u8(packed), list(range(handle.num_blocks)))
+            verified = self._verify(shard, actual)
+        else:
+            verified = False
+        if on_progress is not None:
+            on_progress(nbytes, nbytes)
+        return nbytes, verified
+
+    def _close_transport(self) -> None:
+        self._imported.clear()

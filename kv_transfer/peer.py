@@ -1,0 +1,113 @@
+"""A prefill peer process (synthetic pool + sender) driven over a multiprocessing pipe.
+
+Used by the benchmark and the two-process tests: the parent starts ``prefill_peer_main`` with the
+'spawn' start method and sends JSON commands (``send_bytes``), one reply per command. The pool holds
+``logical_kv`` (deterministic integer-valued data, exact in every KV dtype) for this rank's heads, so
+the decode side can recompute what it should receive.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from backends.engine.block_manager import BlockManager
+from backends.engine.kv_cache import KVLayout, KVPool
+from kv_transfer.base import KVSender
+from kv_transfer.config import SenderConfig
+from kv_transfer.factory import create_sender
+from kv_transfer.shm_pool import ShmKVPool
+
+
+def logical_kv(layout: KVLayout, num_blocks: int, seed: int) -> torch.Tensor:
+    """The model-wide KV content [layers, 2, blocks, block_size, total_heads, head_dim] of a test pool."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randint(-128, 128, layout.pool_shape(num_blocks), generator=g, dtype=torch.int16)
+    return values.to(layout.torch_dtype)
+
+
+def head_slice(total_heads: int, tp_size: int, tp_rank: int) -> slice:
+    width = total_heads // tp_size
+    return slice(tp_rank * width, (tp_rank + 1) * width)
+
+
+def call(conn: Connection, **command: Any) -> dict[str, Any]:
+    """Sends one command to a peer and returns its reply (raises RuntimeError on a peer error)."""
+    conn.send_bytes(json.dumps(command).encode())
+    reply: dict[str, Any] = json.loads(conn.recv_bytes())
+    if "error" in reply:
+        raise RuntimeError(f"prefill peer: {reply['error']}")
+    return reply
+
+
+class _Peer:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        total = KVLayout(**spec["layout"])
+        tp_size, tp_rank = spec.get("tp_size", 1), spec.get("tp_rank", 0)
+        local = KVLayout(
+            total.num_layers, total.num_kv_heads // tp_size, total.head_dim, total.block_size, total.dtype
+        )
+        n = spec["num_blocks"]
+        self.pool: KVPool = (
+            ShmKVPool.create(local, n) if spec["transport"] == "shm" else KVPool.allocate(local, n, spec.get("device", "cpu"))
+        )
+        data = logical_kv(total, n, spec["seed"])[:, :, :, :, head_slice(total.num_kv_heads, tp_size, tp_rank)]
+        self.pool.tensor.copy_(data)
+        del data
+        self.bm = BlockManager(n, total.block_size)
+        config = SenderConfig(
+            lease_ttl_s=spec.get("ttl", 30.0), tp_size=tp_size, tp_rank=tp_rank, checksum=spec.get("checksum")
+        )
+        self.sender: KVSender = create_sender(spec["transport"], self.pool, self.bm, config)
+
+    def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        op = cmd["cmd"]
+        if op == "allocate":
+            return {"block_ids": self.bm.allocate(cmd["n"])}
+        if op == "register":
+            handle = self.sender.register(cmd["block_ids"], cmd["num_tokens"])
+            if cmd.get("drop", True):
+                self.bm.free(cmd["block_ids"])  # the engine's reference; the lease holds its own
+            return {"handle": handle.encode().decode()}
+        if op == "status":
+            return {"num_free": self.bm.num_free, "counters": self.sender.counters.snapshot()._asdict()}
+        if op == "cancel":
+            self.sender.cancel(cmd["lease"])
+            return {}
+        raise ValueError(f"unknown command {op!r}")
+
+    def close(self) -> None:
+        self.sender.close()
+        if isinstance(self.pool, ShmKVPool):
+            self.pool.close()
+
+
+def prefill_peer_main(conn: Connection) -> None:
+    """Entry point of the peer process: first command 'start', last 'stop' (or the pipe closing)."""
+    peer: _Peer | None = None
+    try:
+        while True:
+            cmd = json.loads(conn.recv_bytes())
+            if cmd["cmd"] == "stop":
+                break
+            try:
+                if cmd["cmd"] == "start":
+                    peer = _Peer(cmd)
+                    reply: dict[str, Any] = {"address": peer.sender.address}
+                else:
+                    if peer is None:
+                        raise RuntimeError("peer not started")
+                    reply = peer.handle(cmd)
+            except Exception as exc:
+                reply = {"error": f"{exc!r}\n{traceback.format_exc()}"}
+            conn.send_bytes(json.dumps(reply).encode())
+    except EOFError:
+        return  # parent gone; the finally block still releases everything
+    finally:
+        if peer is not None:
+            peer.close()
+    conn.send_bytes(b"{}")
