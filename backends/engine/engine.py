@@ -43,6 +43,13 @@ class StepResult(NamedTuple):
     outputs: list[StepOutput]
 
 
+def kv_layout_for(config: EngineConfig, model_config: ModelConfig | None = None) -> KVLayout:
+    """The KV layout an engine with this config will have (to allocate its pool beforehand)."""
+    mc = model_config or ModelConfig.from_dir(config.model_dir)
+    dtype = mc.torch_dtype if config.dtype == "auto" else config.dtype
+    return KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, pool: KVPool | None = None) -> None:
         self.config = config
@@ -53,9 +60,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.dtype = DTYPES[mc.torch_dtype if config.dtype == "auto" else config.dtype]
         self.max_model_len = min(config.max_model_len or mc.derived_max_len, mc.derived_max_len)
-        self.layout = KVLayout(
-            mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, _name(self.dtype)
-        )
+        self.layout = kv_layout_for(config, mc)
         if pool is None:
             pool = KVPool.allocate(self.layout, config.num_blocks, self.device)
         elif pool.layout != self.layout or pool.num_blocks != config.num_blocks:
@@ -219,7 +224,3 @@ class LLMEngine:
             elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.status, seq.finish_reason = Status.FINISHED, "length"
         return tokens
-
-
-def _name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)

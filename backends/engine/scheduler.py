@@ -9,10 +9,22 @@ its own, so a decode step never runs out of blocks and nothing is ever preempted
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from backends.engine.block_manager import BlockManager
 from backends.engine.sequence import Sequence, Status
+
+
+def remaining_growth(seqs: Iterable[Sequence], blocks: BlockManager) -> int:
+    """Blocks these sequences may still allocate before they finish."""
+    return sum(blocks.blocks_for(s.max_total_tokens) - len(s.block_table) for s in seqs)
+
+
+def fits(seq: Sequence, others: Iterable[Sequence], blocks: BlockManager, extra_reserved: int = 0) -> bool:
+    """True if seq's whole life fits next to the remaining growth of `others` (the admission rule)."""
+    need = blocks.blocks_for(seq.max_total_tokens) - len(seq.block_table)
+    return need <= blocks.num_free - remaining_growth(others, blocks) - extra_reserved
 
 
 class Batch(NamedTuple):
@@ -34,13 +46,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def reserved_growth(self) -> int:
-        """Blocks the running sequences may still allocate before they finish."""
-        return sum(self.blocks.blocks_for(s.max_total_tokens) - len(s.block_table) for s in self.running)
-
     def can_admit(self, seq: Sequence, extra_reserved: int = 0) -> bool:
-        need = self.blocks.blocks_for(seq.max_total_tokens) - len(seq.block_table)
-        return need <= self.blocks.num_free - self.reserved_growth() - extra_reserved
+        return fits(seq, self.running, self.blocks, extra_reserved)
 
     def schedule(self) -> Batch:
         """Prefill first (lower TTFT, as vLLM does), else one decode step over every running sequence."""

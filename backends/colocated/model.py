@@ -1,0 +1,67 @@
+"""Triton python-backend model: prefill and decode in one instance (decoupled, streaming).
+
+Same tensor interface as the orchestrator (TensorRT-LLM ensemble names), so the same client can
+measure the colocated baseline and the disaggregated deployment.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from backends.colocated.worker import ColocatedMetrics, ColocatedWorker
+from backends.common import params as P
+from backends.common.client_stream import ClientStream
+from backends.common.interface import CLIENT_INPUTS
+from backends.common.metrics import BATCH_BUCKETS
+from backends.common.requests import parse_client_request, prompt_ids
+from backends.common.triton_glue import Metrics, TritonSink, read_inputs
+from backends.engine.engine import LLMEngine
+from backends.engine.errors import RequestError
+from backends.engine.tokenizer import load_tokenizer
+from backends.orchestrator.telemetry import latency_metrics
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = P.model_config(args)
+        P.require_decoupled(config)
+        params = P.parameters(config)
+        engine_config = P.engine_config(params, Path(args["model_repository"]).parent)
+        self.engine = LLMEngine(engine_config)
+        self.tokenizer = load_tokenizer(engine_config.model_dir)
+        # Kept on self: a metric family must outlive its metrics.
+        self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
+        self.latency = latency_metrics(m)
+        self.worker = ColocatedWorker(
+            self.engine,
+            ColocatedMetrics(
+                running=m.gauge("disagg_running_sequences", "Sequences in the decode batch"),
+                waiting=m.gauge("disagg_prefill_queue_depth", "Prompts waiting for prefill"),
+                free_blocks=m.gauge("disagg_kv_free_blocks", "Free KV blocks in the instance's pool"),
+                batch_size=m.histogram(
+                    "disagg_decode_batch_size", "Sequences per decode step", BATCH_BUCKETS
+                ),
+                cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
+            ),
+        )
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            arrived = time.perf_counter()
+            sink = TritonSink(request)
+            try:
+                req = parse_client_request(read_inputs(request, CLIENT_INPUTS))
+                seq = self.engine.new_sequence(
+                    prompt_ids(req, self.tokenizer), req.params, request.request_id()
+                )
+            except RequestError as e:
+                sink.error(str(e))
+                continue
+            stream = ClientStream(sink, self.tokenizer, req.stream, req.stop_words, self.latency, arrived)
+            self.worker.submit(seq, stream)
+        return None
+
+    def finalize(self) -> None:
+        self.worker.stop()

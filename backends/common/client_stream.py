@@ -1,0 +1,90 @@
+"""One client request's response stream (orchestrator and colocated): text pieces, final flag,
+finish reason, and the TTFT/TPOT it observed."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from backends.common.metrics import NULL, Histogram
+from backends.common.sink import Outputs, ResponseSink
+from backends.common.text_stream import TextStream
+
+
+class LatencyMetrics(NamedTuple):
+    ttft: Histogram = NULL  # arrival -> first token sent
+    tpot: Histogram = NULL  # mean time per output token after the first, per request
+    e2e: Histogram = NULL
+
+
+def client_outputs(text: str, token_ids: list[int], finish_reason: str | None) -> Outputs:
+    return {
+        "text_output": np.asarray([text.encode("utf-8")], dtype=object),
+        "output_ids": np.asarray(token_ids, dtype=np.int32),
+        "finish_reason": np.asarray([(finish_reason or "").encode()], dtype=object),
+    }
+
+
+class ClientStream:
+    """Streaming: one response per push (the new text, the new ids). Otherwise one response at the
+    end with all of it. Either way the last response carries the finish reason and the final flag."""
+
+    def __init__(
+        self,
+        sink: ResponseSink,
+        tokenizer: Any,
+        stream: bool,
+        stop_words: tuple[str, ...] = (),
+        metrics: LatencyMetrics | None = None,
+        arrived: float | None = None,
+    ) -> None:
+        self.sink = sink
+        self.stream = stream
+        self.text = TextStream(tokenizer, stop_words)
+        self.metrics = metrics or LatencyMetrics()
+        self.arrived = time.perf_counter() if arrived is None else arrived
+        self.ids: list[int] = []
+        self.first_at: float | None = None
+        self.done = False
+
+    def push(self, token_ids: list[int], finish_reason: str | None = None) -> bool:
+        """Adds generated tokens (finish_reason set on the last ones). Returns True when the stream
+        ended: generation finished, or a stop word appeared (the caller must stop generating)."""
+        if self.done:
+            return True
+        self.ids += token_ids
+        piece = self.text.push(token_ids)
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+            self.metrics.ttft.observe(now - self.arrived)
+        if piece.stopped:
+            finish_reason = "stop"
+        text = piece.text
+        if finish_reason and not piece.stopped:
+            text += self.text.finish()
+        final = finish_reason is not None
+        if self.stream:
+            self.sink.send(client_outputs(text, token_ids, finish_reason), final=final)
+        elif final:
+            self.sink.send(client_outputs(self.text.sent, self.ids, finish_reason), final=True)
+        if final:
+            self._close(now)
+        return final
+
+    def error(self, message: str) -> None:
+        if not self.done:
+            self.done = True
+            self.sink.error(message)
+
+    def is_cancelled(self) -> bool:
+        return self.sink.is_cancelled()
+
+    def _close(self, now: float) -> None:
+        self.done = True
+        assert self.first_at is not None
+        if len(self.ids) > 1:
+            self.metrics.tpot.observe((now - self.first_at) / (len(self.ids) - 1))
+        self.metrics.e2e.observe(now - self.arrived)

@@ -1,0 +1,70 @@
+"""Tensor interface of each Triton model, as data.
+
+The client-facing names (orchestrator and colocated) are those of the TensorRT-LLM backend's
+ensemble, so existing clients work unchanged. The repository generator writes config.pbtxt from
+these specs and the models validate requests against the same specs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class TensorSpec(NamedTuple):
+    name: str
+    data_type: str  # config.pbtxt DataType name, e.g. "TYPE_INT32"
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+SAMPLING_INPUTS = (
+    TensorSpec("max_tokens", "TYPE_INT32", (1,)),
+    TensorSpec("temperature", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("top_k", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("top_p", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("random_seed", "TYPE_UINT64", (1,), optional=True),
+    TensorSpec("end_id", "TYPE_INT32", (1,), optional=True),
+)
+
+CLIENT_INPUTS = (
+    TensorSpec("text_input", "TYPE_STRING", (1,), optional=True),
+    TensorSpec("input_ids", "TYPE_INT32", (-1,), optional=True),
+    *SAMPLING_INPUTS,
+    TensorSpec("stream", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("stop_words", "TYPE_STRING", (-1,), optional=True),
+)
+CLIENT_OUTPUTS = (
+    TensorSpec("text_output", "TYPE_STRING", (-1,)),
+    TensorSpec("output_ids", "TYPE_INT32", (-1,)),
+    TensorSpec("finish_reason", "TYPE_STRING", (1,)),
+)
+
+PREFILL_INPUTS = (
+    TensorSpec("input_ids", "TYPE_INT32", (-1,)),
+    *SAMPLING_INPUTS,
+    TensorSpec("request_id", "TYPE_STRING", (1,), optional=True),
+)
+PREFILL_OUTPUTS = (
+    TensorSpec("first_token", "TYPE_INT32", (1,)),
+    TensorSpec("kv_handle", "TYPE_STRING", (1,)),
+    TensorSpec("finish_reason", "TYPE_STRING", (1,)),
+)
+
+DECODE_INPUTS = (
+    TensorSpec("input_ids", "TYPE_INT32", (-1,)),
+    TensorSpec("first_token", "TYPE_INT32", (1,)),
+    TensorSpec("kv_handle", "TYPE_STRING", (1,)),
+    *SAMPLING_INPUTS,
+    TensorSpec("request_id", "TYPE_STRING", (1,), optional=True),
+)
+DECODE_OUTPUTS = (
+    TensorSpec("output_ids", "TYPE_INT32", (-1,)),
+    TensorSpec("finish_reason", "TYPE_STRING", (1,)),
+)
+
+MODEL_INTERFACES: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
+    "orchestrator": (CLIENT_INPUTS, CLIENT_OUTPUTS),
+    "colocated": (CLIENT_INPUTS, CLIENT_OUTPUTS),
+    "prefill": (PREFILL_INPUTS, PREFILL_OUTPUTS),
+    "decode": (DECODE_INPUTS, DECODE_OUTPUTS),
+}

@@ -1,0 +1,32 @@
+"""Where a model's responses for one request go.
+
+The model.py files wrap Triton's response sender in this protocol; the engine loops only see
+sinks. Contract: after ``send(..., final=True)`` or ``error(...)`` the sink is closed and further
+calls are ignored, so every request gets exactly one final response.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+Outputs = dict[str, np.ndarray]
+
+
+class ResponseSink(Protocol):
+    def send(self, outputs: Outputs, final: bool) -> None:
+        """Sends one response; final=True also ends the request's stream."""
+
+    def error(self, message: str) -> None:
+        """Sends an error response that ends the request's stream."""
+
+    def is_cancelled(self) -> bool:
+        """True once the client cancelled or went away."""
+
+
+def token_outputs(token_ids: list[int], finish_reason: str | None) -> Outputs:
+    return {
+        "output_ids": np.asarray(token_ids, dtype=np.int32),
+        "finish_reason": np.asarray([(finish_reason or "").encode()], dtype=object),
+    }

@@ -1,0 +1,90 @@
+"""Triton python-backend model: the decode instance (decoupled; one response per token).
+
+Inputs: input_ids (the prompt), first_token, kv_handle (from prefill) and the sampling inputs.
+Pulls the KV named by the handle into its own pool, then decodes with continuous batching over
+every request it holds, streaming output_ids (one token per response) and, on the last one,
+finish_reason with the final flag.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.common import params as P
+from backends.common.interface import DECODE_INPUTS
+from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from backends.common.requests import parse_ids, parse_sampling
+from backends.common.triton_glue import Metrics, TritonSink, read_inputs
+from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
+from backends.engine.engine import LLMEngine
+from backends.engine.errors import RequestError
+from kv_transfer.config import ReceiverConfig
+from kv_transfer.errors import KVHandleError
+from kv_transfer.factory import create_receiver
+from kv_transfer.handle import KVHandle
+
+log = logging.getLogger(__name__)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = P.model_config(args)
+        P.require_decoupled(config)
+        params = P.parameters(config)
+        engine_config = P.engine_config(params, Path(args["model_repository"]).parent)
+        transport, _, _ = P.kv_settings(params)
+        self.engine = LLMEngine(engine_config)
+        self.receiver = create_receiver(transport, self.engine.pool, ReceiverConfig())
+        # Kept on self: a metric family must outlive its metrics.
+        self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
+        self.worker = DecodeWorker(
+            self.engine,
+            self.receiver,
+            DecodeMetrics(
+                running=m.gauge("disagg_running_sequences", "Sequences in the decode batch"),
+                waiting=m.gauge(
+                    "disagg_decode_queue_depth", "Requests waiting for decode memory or their KV"
+                ),
+                free_blocks=m.gauge("disagg_kv_free_blocks", "Free KV blocks in the instance's pool"),
+                batch_size=m.histogram(
+                    "disagg_decode_batch_size", "Sequences per decode step", BATCH_BUCKETS
+                ),
+                kv_transfer_seconds=m.histogram(
+                    "disagg_kv_transfer_seconds", "Time to pull one request's KV", LATENCY_BUCKETS
+                ),
+                kv_transfer_bytes=m.counter(
+                    "disagg_kv_transfer_bytes_total", "KV bytes pulled from prefill instances"
+                ),
+                kv_transfer_failures=m.counter("disagg_kv_transfer_failures_total", "KV pulls that failed"),
+                cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
+            ),
+        )
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sink = TritonSink(request)
+            try:
+                inputs = read_inputs(request, DECODE_INPUTS)
+                params = parse_sampling(inputs)
+                seq = self.engine.new_sequence(parse_ids(inputs), params, request.request_id())
+                first = parse_ids(inputs, "first_token")
+                if len(first) != 1:
+                    raise RequestError("input 'first_token' must hold exactly one token id")
+                seq.output_ids.append(first[0])
+                raw = np.asarray(inputs["kv_handle"], dtype=object).reshape(-1)
+                if raw.size != 1:
+                    raise RequestError("input 'kv_handle' must hold exactly one handle")
+                handle = KVHandle.decode(bytes(raw[0]))
+            except (RequestError, KVHandleError) as e:
+                sink.error(str(e))
+                continue
+            self.worker.submit(DecodeJob(seq, handle, sink))
+        return None
+
+    def finalize(self) -> None:
+        self.worker.stop()
+        self.receiver.close()

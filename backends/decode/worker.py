@@ -1,0 +1,203 @@
+"""The decode instance's engine loop: pull KV by handle, then continuous batching.
+
+One thread owns the engine. Each loop iteration: take new jobs, admit those whose whole life fits
+in memory (their KV then streams in on a transfer thread while decoding goes on), drop cancelled
+ones, and run one decode step over every running sequence, sending each new token at once.
+Invariants: a job ends with exactly one final response or error; every block a job took is freed
+when it ends (finished, cancelled, failed transfer); a job not yet admitted holds no decode memory
+(its KV waits in the prefill instance's pool, under lease).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from backends.common.metrics import NULL, Counter, Gauge, Histogram
+from backends.common.sink import ResponseSink, token_outputs
+from backends.engine.engine import LLMEngine
+from backends.engine.scheduler import fits
+from backends.engine.sequence import Sequence, Status
+from kv_transfer.base import KVReceiver
+from kv_transfer.handle import KVHandle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class DecodeJob:
+    seq: Sequence  # prompt_ids, params, seed; output_ids == [first token]
+    handle: KVHandle
+    sink: ResponseSink
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class DecodeMetrics(NamedTuple):
+    running: Gauge = NULL
+    waiting: Gauge = NULL
+    free_blocks: Gauge = NULL
+    batch_size: Histogram = NULL
+    kv_transfer_seconds: Histogram = NULL
+    kv_transfer_bytes: Counter = NULL
+    kv_transfer_failures: Counter = NULL
+    cancelled: Counter = NULL
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        receiver: KVReceiver,
+        metrics: DecodeMetrics | None = None,
+        transfer_threads: int = 4,
+    ) -> None:
+        self.engine = engine
+        self.receiver = receiver
+        self.metrics = metrics or DecodeMetrics()
+        self._inbox: queue.SimpleQueue[DecodeJob] = queue.SimpleQueue()
+        self._pending: deque[DecodeJob] = deque()  # not yet admitted: no decode memory held
+        self._transferring: set[DecodeJob] = set()
+        self._arrived: queue.SimpleQueue[tuple[DecodeJob, BaseException | None]] = queue.SimpleQueue()
+        self._running: dict[Sequence, DecodeJob] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._transfers = ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-pull")
+        self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: DecodeJob) -> None:
+        self._inbox.put(job)
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends every job with an error (server shutting down) and stops the loop."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self._transfers.shutdown(wait=True, cancel_futures=True)
+
+    # ---- loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._take_new()
+                self._drop_cancelled()
+                self._admit()
+                self._collect_transfers()
+                if self._running:
+                    self._step()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception:  # keep serving: one bad iteration must not kill every stream
+                log.exception("decode loop iteration failed")
+                self._fail_running("internal error in the decode loop")
+        self._shutdown()
+
+    def _take_new(self) -> None:
+        while True:
+            try:
+                self._pending.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._pending if j.sink.is_cancelled()]:
+            self._pending.remove(job)
+            self._release_remote(job)
+            self.metrics.cancelled.increment(1)
+        for seq, job in list(self._running.items()):
+            if job.sink.is_cancelled():
+                del self._running[seq]
+                self.engine.free(seq)
+                self.metrics.cancelled.increment(1)
+
+    def _admit(self) -> None:
+        while self._pending:
+            job = self._pending[0]
+            if len(self._running) + len(self._transferring) >= self.engine.config.max_num_seqs:
+                break
+            # Reserve the sequence's whole life next to what running and in-flight jobs may still take.
+            others = [*self._running, *(j.seq for j in self._transferring)]
+            if not fits(job.seq, others, self.engine.blocks):
+                break
+            self._pending.popleft()
+            dst = self.engine.adopt(job.seq)
+            self._transferring.add(job)
+            self._transfers.submit(self._pull, job, dst)
+        self._update_gauges()
+
+    def _pull(self, job: DecodeJob, dst: list[int]) -> None:
+        try:
+            result = self.receiver.pull(job.handle, dst)
+            self.metrics.kv_transfer_seconds.observe(result.seconds)
+            self.metrics.kv_transfer_bytes.increment(result.bytes_moved)
+            self._arrived.put((job, None))
+        except BaseException as exc:
+            self._arrived.put((job, exc))
+        self._wake.set()
+
+    def _collect_transfers(self) -> None:
+        while True:
+            try:
+                job, exc = self._arrived.get_nowait()
+            except queue.Empty:
+                return
+            self._transferring.discard(job)
+            if exc is not None:
+                self.metrics.kv_transfer_failures.increment(1)
+                self.engine.free(job.seq)
+                job.sink.error(f"KV transfer failed: {exc}")
+            elif job.sink.is_cancelled():
+                self.engine.free(job.seq)
+                self.metrics.cancelled.increment(1)
+            else:
+                job.seq.status = Status.RUNNING
+                self._running[job.seq] = job
+
+    def _step(self) -> None:
+        seqs = list(self._running)
+        tokens = self.engine.decode_step(seqs)
+        self.metrics.batch_size.observe(len(seqs))
+        for seq, token in zip(seqs, tokens, strict=True):
+            job = self._running[seq]
+            job.sink.send(token_outputs([token], seq.finish_reason), final=seq.finished)
+            if seq.finished:
+                del self._running[seq]
+                self.engine.free(seq)
+        self._update_gauges()
+
+    # ---- endings ---------------------------------------------------------------------------
+
+    def _release_remote(self, job: DecodeJob) -> None:
+        try:
+            self.receiver.cancel(job.handle)
+        except Exception as exc:  # the lease expires anyway
+            log.warning("could not cancel KV lease: %s", exc)
+
+    def _fail_running(self, message: str) -> None:
+        for seq, job in list(self._running.items()):
+            del self._running[seq]
+            self.engine.free(seq)
+            job.sink.error(message)
+        self._update_gauges()
+
+    def _shutdown(self) -> None:
+        self._take_new()
+        for job in self._pending:
+            self._release_remote(job)
+            job.sink.error("decode instance is shutting down")
+        self._pending.clear()
+        self._fail_running("decode instance is shutting down")
+
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(len(self._running))
+        self.metrics.waiting.set(len(self._pending) + len(self._transferring))
+        self.metrics.free_blocks.set(self.engine.blocks.num_free)

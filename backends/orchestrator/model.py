@@ -1,0 +1,112 @@
+"""Triton python-backend model: the orchestrator (decoupled BLS).
+
+For each client request, on a worker thread (many requests in flight in one instance): tokenize,
+call a prefill replica, stream the first token at once, call a decode replica and stream the rest,
+with incremental detokenization, stop words, a per-request error on any failure, and always the
+final flag. Replicas are chosen by least outstanding tokens from the routing table in the
+parameters prefill_models and decode_models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from backends.common import params as P
+from backends.common.client_stream import ClientStream
+from backends.common.interface import CLIENT_INPUTS, DECODE_OUTPUTS, PREFILL_OUTPUTS
+from backends.common.requests import parse_client_request, prompt_ids
+from backends.common.triton_glue import Metrics, TritonSink, read_inputs
+from backends.engine.errors import RequestError
+from backends.engine.tokenizer import load_tokenizer
+from backends.orchestrator.leases import LeaseReleaser
+from backends.orchestrator.pipeline import PhaseError, Pipeline
+from backends.orchestrator.router import Router
+from backends.orchestrator.telemetry import latency_metrics
+
+log = logging.getLogger(__name__)
+
+
+class BLSResponses:
+    """Iterates a decoupled BLS call's responses as dicts of numpy arrays."""
+
+    def __init__(self, iterator: Any, names: list[str]) -> None:
+        self._it = iterator
+        self._names = names
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for response in self._it:
+            if response.has_error():
+                raise PhaseError(response.error().message())
+            out = {}
+            for name in self._names:
+                tensor = pb_utils.get_output_tensor_by_name(response, name)
+                if tensor is not None:
+                    out[name] = tensor.as_numpy()
+            if out:
+                yield out
+
+    def cancel(self) -> None:
+        cancel = getattr(self._it, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        from pathlib import Path
+
+        config = P.model_config(args)
+        P.require_decoupled(config)
+        params = P.parameters(config)
+        self.tokenizer = load_tokenizer(P.resolve_model_dir(params, Path(args["model_repository"]).parent))
+        prefill = Router([m.strip() for m in params.get("prefill_models", "prefill").split(",") if m.strip()])
+        decode = Router([m.strip() for m in params.get("decode_models", "decode").split(",") if m.strip()])
+        self.leases = LeaseReleaser()
+        self.pipeline = Pipeline(self._call, prefill, decode, self.leases)
+        # Each in-flight request holds a thread while it waits on BLS responses (the BLS response
+        # iterator blocks), so the pool size is the number of concurrent requests served.
+        self.pool = ThreadPoolExecutor(
+            P.int_param(params, "max_concurrent_requests", 256), thread_name_prefix="orch"
+        )
+        # Kept on self: a metric family must outlive its metrics.
+        self.metric_registry = Metrics(args["model_name"], args["model_instance_name"])
+        self.latency = latency_metrics(self.metric_registry)
+        self._outputs = {
+            "prefill": [s.name for s in PREFILL_OUTPUTS],
+            "decode": [s.name for s in DECODE_OUTPUTS],
+        }
+        self._prefill_models = set(prefill.models)
+
+    def _call(self, model: str, inputs: dict[str, np.ndarray]) -> BLSResponses:
+        kind = "prefill" if model in self._prefill_models else "decode"
+        request = pb_utils.InferenceRequest(
+            model_name=model,
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in inputs.items()],
+            requested_output_names=self._outputs[kind],
+        )
+        return BLSResponses(request.exec(decoupled=True), self._outputs[kind])
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            arrived = time.perf_counter()
+            sink = TritonSink(request)
+            try:
+                req = parse_client_request(read_inputs(request, CLIENT_INPUTS))
+                ids = prompt_ids(req, self.tokenizer)
+            except RequestError as e:
+                sink.error(str(e))
+                continue
+            stream = ClientStream(sink, self.tokenizer, req.stream, req.stop_words, self.latency, arrived)
+            self.pool.submit(self.pipeline.run, ids, req.params, stream)
+        return None
+
+    def finalize(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.leases.close()

@@ -1,0 +1,88 @@
+"""Triton python-backend model: the prefill instance (decoupled; one response per request).
+
+Inputs: input_ids, max_tokens and the sampling inputs (see backends.common.interface). Answers
+with first_token, kv_handle (empty when the first token already ended the request) and
+finish_reason. The KV stays in this instance's pool under lease until a decode instance pulls it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from backends.common import params as P
+from backends.common.interface import PREFILL_INPUTS
+from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from backends.common.requests import parse_ids, parse_sampling
+from backends.common.triton_glue import Metrics, TritonSink, read_inputs
+from backends.engine.engine import LLMEngine, kv_layout_for
+from backends.engine.errors import RequestError
+from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
+from kv_transfer.config import SenderConfig
+from kv_transfer.factory import create_sender
+from kv_transfer.shm_pool import ShmKVPool
+
+log = logging.getLogger(__name__)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = P.model_config(args)
+        P.require_decoupled(config)
+        params = P.parameters(config)
+        engine_config = P.engine_config(params, Path(args["model_repository"]).parent)
+        transport, lease_s, port = P.kv_settings(params)
+        # shm: the pool lives in a named segment that decode instances map read-only.
+        self.pool = (
+            ShmKVPool.create(kv_layout_for(engine_config), engine_config.num_blocks)
+            if transport == "shm"
+            else None
+        )
+        self.engine = LLMEngine(engine_config, self.pool)
+        self.sender = create_sender(
+            transport, self.engine.pool, self.engine.blocks, SenderConfig(port=port, lease_ttl_s=lease_s)
+        )
+        # Kept on self: a metric family must outlive its metrics.
+        self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
+        self.worker = PrefillWorker(
+            self.engine,
+            self.sender,
+            PrefillMetrics(
+                waiting=m.gauge("disagg_prefill_queue_depth", "Prompts waiting for prefill"),
+                free_blocks=m.gauge("disagg_kv_free_blocks", "Free KV blocks in the instance's pool"),
+                active_leases=m.gauge(
+                    "disagg_kv_active_leases", "KV leases waiting for a decode instance to pull"
+                ),
+                batch_tokens=m.histogram(
+                    "disagg_prefill_batch_tokens",
+                    "Prompt tokens per prefill batch",
+                    [16 * b for b in BATCH_BUCKETS],
+                ),
+                queue_seconds=m.histogram(
+                    "disagg_prefill_queue_seconds", "Time a prompt waited for prefill", LATENCY_BUCKETS
+                ),
+                cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
+            ),
+        )
+        log.info("prefill ready: %s, KV transport %s at %s", engine_config, transport, self.sender.address)
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sink = TritonSink(request)
+            try:
+                inputs = read_inputs(request, PREFILL_INPUTS)
+                seq = self.engine.new_sequence(
+                    parse_ids(inputs), parse_sampling(inputs), request.request_id()
+                )
+            except RequestError as e:
+                sink.error(str(e))
+                continue
+            self.worker.submit(PrefillJob(seq, sink))
+        return None
+
+    def finalize(self) -> None:
+        self.worker.stop()
+        self.sender.close()
+        if self.pool is not None:
+            self.pool.close()

@@ -1,0 +1,155 @@
+"""The prefill instance's engine loop: batch prompts by a token budget, prefill, lease the KV.
+
+A batch takes waiting prompts in arrival order while their total length fits the token budget
+(a longer prompt runs alone) and their prompt blocks fit the free pool. After prefill each
+sequence's blocks go under a KV lease (the lease holds its own reference; the engine drops its
+own), and the request is answered with the first token and the handle. Prefill memory is the
+queue buffer between the phases: when leases fill the pool, batching waits, and decode pulling
+(or lease expiry) makes room.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from backends.common.metrics import NULL, Counter, Gauge, Histogram
+from backends.common.sink import ResponseSink
+from backends.engine.engine import LLMEngine
+from backends.engine.sequence import Sequence
+from kv_transfer.base import KVSender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    seq: Sequence
+    sink: ResponseSink
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class PrefillMetrics(NamedTuple):
+    waiting: Gauge = NULL
+    free_blocks: Gauge = NULL
+    active_leases: Gauge = NULL
+    batch_tokens: Histogram = NULL
+    queue_seconds: Histogram = NULL
+    cancelled: Counter = NULL
+
+
+def prefill_outputs(first_token: int, handle: bytes, finish_reason: str | None) -> dict[str, np.ndarray]:
+    return {
+        "first_token": np.asarray([first_token], dtype=np.int32),
+        "kv_handle": np.asarray([handle], dtype=object),
+        "finish_reason": np.asarray([(finish_reason or "").encode()], dtype=object),
+    }
+
+
+class PrefillWorker:
+    def __init__(self, engine: LLMEngine, sender: KVSender, metrics: PrefillMetrics | None = None) -> None:
+        self.engine = engine
+        self.sender = sender
+        self.metrics = metrics or PrefillMetrics()
+        self._inbox: queue.SimpleQueue[PrefillJob] = queue.SimpleQueue()
+        self._waiting: deque[PrefillJob] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="prefill-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: PrefillJob) -> None:
+        self._inbox.put(job)
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._take_new()
+                batch = self._next_batch()
+                if batch:
+                    self._run(batch)
+                else:
+                    # Nothing fits yet: wait for a request, or for leases to free blocks.
+                    self._wake.wait(0.02 if self._waiting else 0.2)
+                    self._wake.clear()
+            except Exception:
+                log.exception("prefill loop iteration failed")
+        self._take_new()
+        for job in self._waiting:
+            job.sink.error("prefill instance is shutting down")
+        self._waiting.clear()
+
+    def _take_new(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for job in [j for j in self._waiting if j.sink.is_cancelled()]:
+            self._waiting.remove(job)
+            self.metrics.cancelled.increment(1)
+        self._update_gauges()
+
+    def _next_batch(self) -> list[PrefillJob]:
+        budget = self.engine.config.max_num_batched_tokens
+        blocks = self.engine.blocks
+        batch: list[PrefillJob] = []
+        tokens = needed = 0
+        for job in self._waiting:
+            n = job.seq.prompt_len
+            if batch and (tokens + n > budget or len(batch) >= self.engine.config.max_num_seqs):
+                break
+            if needed + blocks.blocks_for(n) > blocks.num_free:
+                break
+            batch.append(job)
+            tokens += n
+            needed += blocks.blocks_for(n)
+        for _ in batch:
+            self._waiting.popleft()
+        return batch
+
+    def _run(self, batch: list[PrefillJob]) -> None:
+        now = time.perf_counter()
+        seqs = [j.seq for j in batch]
+        try:
+            self.engine.prefill(seqs)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for job in batch:
+                self.engine.free(job.seq)
+                job.sink.error(f"prefill failed: {exc}")
+            return
+        self.metrics.batch_tokens.observe(sum(s.prompt_len for s in seqs))
+        for job in batch:
+            self.metrics.queue_seconds.observe(now - job.arrived)
+            seq = job.seq
+            handle = b""
+            try:
+                if not seq.finished:  # the first token may already end it (EOS, max_tokens=1)
+                    handle = self.sender.register(seq.block_table, seq.prompt_len).encode()
+            except Exception as exc:
+                log.exception("KV lease failed")
+                job.sink.error(f"could not lease the KV cache: {exc}")
+                continue
+            finally:
+                self.engine.free(seq)  # the lease holds its own reference
+            job.sink.send(prefill_outputs(seq.output_ids[0], handle, seq.finish_reason), final=True)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.waiting.set(len(self._waiting))
+        self.metrics.free_blocks.set(self.engine.blocks.num_free)
+        self.metrics.active_leases.set(self.sender.counters.snapshot().active_leases)
