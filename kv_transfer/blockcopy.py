@@ -3,8 +3,7 @@
 A pool tensor ``[layers, 2, blocks, block_size, heads, head_dim]`` is seen as ``layers*2`` planes of
 ``blocks`` rows of ``block_bytes`` bytes. Copying a sequence's blocks is a memcpy per (plane, run of
 consecutive ids on both sides), in chunks of at most ``CHUNK_BYTES`` that are hashed right after the copy
-while they are still in cache. Planes are spread over a small thread pool (numpy's copy and xxhash drop
-the GIL on large buffers).
+while they are still in cache (see PlaneCopier for the threading).
 
 Checksum definition (the value carried in a KV handle): the packed bytes of a sequence are the
 ``gather()`` of its blocks, ``[layers, 2, n, block_size, heads, head_dim]``. Each (layer, K/V) plane of
@@ -14,7 +13,7 @@ in plane order, as 16 hex digits. The two-level form lets the planes be hashed i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -63,28 +62,22 @@ def _chunks(runs: list[Run], block_bytes: int) -> list[tuple[int, int, int]]:
 
 
 class PlaneCopier:
-    """Runs plane jobs on ``workers`` threads (1 = in the caller's thread). Close it to stop the threads."""
+    """Block copies on a background copy thread, hashed in the calling thread as pieces complete.
+
+    xxhash holds the GIL while numpy's memcpy releases it, so one copy thread plus the hashing caller
+    overlap fully: the copy is bound by memory bandwidth, the hash reads each piece's source bytes
+    right after they were copied, while they are still in cache. ``workers=1`` copies inline.
+    Close it to stop the thread.
+    """
 
     def __init__(self, workers: int = 2) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self._workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kv-copy") if workers > 1 else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kv-copy") if workers > 1 else None
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-
-    def _map_planes(self, num_planes: int, job: Callable[[int], int]) -> list[int]:
-        def part(first: int) -> list[tuple[int, int]]:
-            return [(p, job(p)) for p in range(first, num_planes, self._workers)]
-
-        if self._pool is None:
-            results = part(0)
-        else:
-            futures = [self._pool.submit(part, w) for w in range(self._workers)]
-            results = [r for f in futures for r in f.result()]
-        return [digest for _, digest in sorted(results)]
 
     def copy(self, src: np.ndarray, dst: np.ndarray, runs: list[Run], checksum: bool) -> str | None:
         """Copies blocks plane by plane from src to dst (both from planes_u8); returns the checksum if asked."""
@@ -93,31 +86,65 @@ class PlaneCopier:
         pieces = _chunks(runs, src.shape[2])
         src_flat = src.reshape(src.shape[0], -1)
         dst_flat = dst.reshape(dst.shape[0], -1)
+        batches = _batches(src.shape[0], pieces)
 
-        def job(p: int) -> int:
-            sp, dp = src_flat[p], dst_flat[p]
-            h = xxhash.xxh3_64() if checksum else None
-            for s, d, n in pieces:
-                out = dp[d : d + n]
-                np.copyto(out, sp[s : s + n])
-                if h is not None:
-                    h.update(out)
-            return h.intdigest() if h is not None else 0
+        def run(batch: tuple[int, list[tuple[int, int, int]]]) -> None:
+            sp, dp = src_flat[batch[0]], dst_flat[batch[0]]
+            for s, d, n in batch[1]:
+                np.copyto(dp[d : d + n], sp[s : s + n])
 
-        digests = self._map_planes(src.shape[0], job)
-        return combine_digests(digests) if checksum else None
+        if not checksum:
+            for batch in batches:
+                run(batch)
+            return None
+        hashers = [xxhash.xxh3_64() for _ in range(src.shape[0])]
+        if self._pool is None:
+            for plane, batch_pieces in batches:
+                sp, dp, h = src_flat[plane], dst_flat[plane], hashers[plane]
+                for s, d, n in batch_pieces:
+                    np.copyto(dp[d : d + n], sp[s : s + n])
+                    h.update(sp[s : s + n])
+            return combine_digests([h.intdigest() for h in hashers])
+        futures = [self._pool.submit(run, batch) for batch in batches]
+        try:
+            for (plane, batch_pieces), future in zip(batches, futures, strict=True):
+                future.result()
+                sp, h = src_flat[plane], hashers[plane]
+                for s, _, n in batch_pieces:
+                    h.update(sp[s : s + n])
+        finally:
+            for f in futures:
+                f.cancel()
+        return combine_digests([h.intdigest() for h in hashers])
 
     def checksum(self, src: np.ndarray, block_ids: Sequence[int]) -> str:
         """The packed-bytes checksum of block_ids read in place (no copy)."""
-        runs = matched_runs(block_ids, range(len(block_ids)))
-        pieces = _chunks(runs, src.shape[2])
+        pieces = _chunks(matched_runs(block_ids, range(len(block_ids))), src.shape[2])
         src_flat = src.reshape(src.shape[0], -1)
-
-        def job(p: int) -> int:
-            sp = src_flat[p]
+        digests = []
+        for p in range(src.shape[0]):
             h = xxhash.xxh3_64()
+            sp = src_flat[p]
             for s, _, n in pieces:
                 h.update(sp[s : s + n])
-            return h.intdigest()
+            digests.append(h.intdigest())
+        return combine_digests(digests)
 
-        return combine_digests(self._map_planes(src.shape[0], job))
+
+def _batches(
+    num_planes: int, pieces: list[tuple[int, int, int]]
+) -> list[tuple[int, list[tuple[int, int, int]]]]:
+    """Groups each plane's pieces into batches of about CHUNK_BYTES (one task per batch, in order)."""
+    out = []
+    for p in range(num_planes):
+        batch: list[tuple[int, int, int]] = []
+        size = 0
+        for piece in pieces:
+            batch.append(piece)
+            size += piece[2]
+            if size >= CHUNK_BYTES:
+                out.append((p, batch))
+                batch, size = [], 0
+        if batch:
+            out.append((p, batch))
+    return out

@@ -44,7 +44,9 @@ def call(conn: Connection, **command: Any) -> dict[str, Any]:
     return reply
 
 
-class _Peer:
+class _Sender:
+    """One synthetic prefill pool with its block manager and sender."""
+
     def __init__(self, spec: dict[str, Any]) -> None:
         total = KVLayout(**spec["layout"])
         tp_size, tp_rank = spec.get("tp_size", 1), spec.get("tp_rank", 0)
@@ -52,10 +54,13 @@ class _Peer:
             total.num_layers, total.num_kv_heads // tp_size, total.head_dim, total.block_size, total.dtype
         )
         n = spec["num_blocks"]
+        device = spec.get("device", "cpu")
         self.pool: KVPool = (
-            ShmKVPool.create(local, n) if spec["transport"] == "shm" else KVPool.allocate(local, n, spec.get("device", "cpu"))
+            ShmKVPool.create(local, n) if spec["transport"] == "shm" else KVPool.allocate(local, n, device)
         )
-        data = logical_kv(total, n, spec["seed"])[:, :, :, :, head_slice(total.num_kv_heads, tp_size, tp_rank)]
+        data = logical_kv(total, n, spec["seed"])[
+            :, :, :, :, head_slice(total.num_kv_heads, tp_size, tp_rank)
+        ]
         self.pool.tensor.copy_(data)
         del data
         self.bm = BlockManager(n, total.block_size)
@@ -68,6 +73,9 @@ class _Peer:
         op = cmd["cmd"]
         if op == "allocate":
             return {"block_ids": self.bm.allocate(cmd["n"])}
+        if op == "free":
+            self.bm.free(cmd["block_ids"])
+            return {}
         if op == "register":
             handle = self.sender.register(cmd["block_ids"], cmd["num_tokens"])
             if cmd.get("drop", True):
@@ -80,15 +88,22 @@ class _Peer:
             return {}
         raise ValueError(f"unknown command {op!r}")
 
-    def close(self) -> None:
+    def close(self) -> dict[str, Any]:
         self.sender.close()
+        segment = None
         if isinstance(self.pool, ShmKVPool):
+            segment = self.pool.segment_name
             self.pool.close()
+        return {"num_free": self.bm.num_free, "segment": segment}
 
 
 def prefill_peer_main(conn: Connection) -> None:
-    """Entry point of the peer process: first command 'start', last 'stop' (or the pipe closing)."""
-    peer: _Peer | None = None
+    """Entry point of the peer process.
+
+    Commands: 'start' (a new sender; replies its "sid" and address), then commands naming a "sid"
+    (allocate, free, register, status, cancel, close), and finally 'stop' (or the pipe closing).
+    """
+    senders: dict[int, _Sender] = {}
     try:
         while True:
             cmd = json.loads(conn.recv_bytes())
@@ -96,18 +111,19 @@ def prefill_peer_main(conn: Connection) -> None:
                 break
             try:
                 if cmd["cmd"] == "start":
-                    peer = _Peer(cmd)
-                    reply: dict[str, Any] = {"address": peer.sender.address}
+                    sid = len(senders)
+                    senders[sid] = _Sender(cmd)
+                    reply: dict[str, Any] = {"sid": sid, "address": senders[sid].sender.address}
+                elif cmd["cmd"] == "close":
+                    reply = senders.pop(cmd["sid"]).close()
                 else:
-                    if peer is None:
-                        raise RuntimeError("peer not started")
-                    reply = peer.handle(cmd)
+                    reply = senders[cmd["sid"]].handle(cmd)
             except Exception as exc:
                 reply = {"error": f"{exc!r}\n{traceback.format_exc()}"}
             conn.send_bytes(json.dumps(reply).encode())
     except EOFError:
         return  # parent gone; the finally block still releases everything
     finally:
-        if peer is not None:
-            peer.close()
+        for s in senders.values():
+            s.close()
     conn.send_bytes(b"{}")

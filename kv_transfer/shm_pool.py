@@ -8,6 +8,7 @@ tracker (which would otherwise unlink, or double-account, a segment that another
 
 from __future__ import annotations
 
+import _posixshmem
 import contextlib
 import gc
 import mmap
@@ -16,7 +17,6 @@ import secrets
 import warnings
 from multiprocessing import shared_memory
 
-import _posixshmem
 import torch
 
 from backends.engine.kv_cache import KVLayout, KVPool
@@ -32,7 +32,12 @@ class ShmKVPool(KVPool):
     """KVPool over a shared-memory segment; ``segment_name`` is what handles carry."""
 
     def __init__(
-        self, layout: KVLayout, buf: memoryview | mmap.mmap, num_blocks: int, name: str, owner: object
+        self,
+        layout: KVLayout,
+        buf: memoryview | mmap.mmap,
+        num_blocks: int,
+        name: str,
+        owner: shared_memory.SharedMemory | mmap.mmap,
     ) -> None:
         nbytes = pool_nbytes(layout, num_blocks)
         if len(buf) < nbytes:
@@ -43,7 +48,9 @@ class ShmKVPool(KVPool):
             flat = torch.frombuffer(buf, dtype=layout.torch_dtype, count=nbytes // layout.itemsize)
         super().__init__(layout, flat.view(layout.pool_shape(num_blocks)))
         self.segment_name = name
-        self._owner = owner  # SharedMemory when this process created the segment, else the mmap
+        self._owner: shared_memory.SharedMemory | mmap.mmap | None = (
+            owner  # SharedMemory when this process created the segment, else the mmap
+        )
 
     @property
     def owner(self) -> bool:
@@ -67,7 +74,9 @@ class ShmKVPool(KVPool):
         try:
             fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
         except FileNotFoundError:
-            raise KVTransferError(f"shared segment {name!r} does not exist (prefill instance gone?)") from None
+            raise KVTransferError(
+                f"shared segment {name!r} does not exist (prefill instance gone?)"
+            ) from None
         try:
             size = os.fstat(fd).st_size
             if size < pool_nbytes(layout, num_blocks):
