@@ -198,13 +198,12 @@ class KVReceiver(ABC):
         self, handle: KVHandle, dst_block_ids: Sequence[int], on_progress: ProgressFn | None = None
     ) -> PullResult:
         """Copies the handle's blocks into dst_block_ids of this pool, verifies, acknowledges."""
-        dst = self._validate(handle, dst_block_ids)
-        plans = plan_pull(
-            handle.layout.num_kv_heads, handle.tp_size, self.config.tp_size, self.config.tp_rank
-        )
         start = time.perf_counter()
         moved, verified = 0, True
         try:
+            dst = self._validate(handle, dst_block_ids)
+            tp = self.config
+            plans = plan_pull(handle.layout.num_kv_heads, handle.tp_size, tp.tp_size, tp.tp_rank)
             for plan in plans:
                 shard = handle.shards[plan.shard_rank]
                 try:

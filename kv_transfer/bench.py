@@ -12,8 +12,6 @@ preallocated host arrays for shm and tcp; a torch device-to-device copy for cuda
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import random
 import statistics
 import time
@@ -26,7 +24,7 @@ from backends.engine.kv_cache import KVLayout, KVPool
 from kv_transfer.config import ReceiverConfig
 from kv_transfer.factory import create_receiver
 from kv_transfer.handle import KVHandle
-from kv_transfer.peer import call, logical_kv, prefill_peer_main
+from kv_transfer.peer import logical_kv, spawn_prefill_peer
 
 
 def _best(fn: Callable[[], float], repeats: int) -> list[float]:
@@ -86,57 +84,41 @@ def main(argv: list[str] | None = None) -> None:
     pool_blocks = 2 * n
     nbytes = n * layout.bytes_per_block
 
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    peer = ctx.Process(target=prefill_peer_main, args=(child,), daemon=True)
-    peer.start()
     rng = random.Random(0)
-    try:
-        sid = call(
-            conn,
-            cmd="start",
-            transport=args.transport,
-            layout=layout.to_dict(),
-            num_blocks=pool_blocks,
-            seed=1,
-            device=device,
-        )["sid"]
+    with spawn_prefill_peer() as peer:
+        sid = peer.start(args.transport, layout, pool_blocks, seed=1, device=device)
         pool = KVPool.allocate(layout, pool_blocks, device)
         receiver = create_receiver(args.transport, pool, ReceiverConfig())
         seconds, reg_seconds = [], []
-        for i in range(args.repeats + 1):  # the first pull warms up connections, groups and mappings
-            got = call(conn, sid=sid, cmd="allocate", n=pool_blocks if args.placement == "scattered" else n)[
-                "block_ids"
-            ]
-            if args.placement == "scattered":
-                src_ids, spare = got[::2], got[1::2]
-                rng.shuffle(src_ids)
-                call(conn, sid=sid, cmd="free", block_ids=spare)
-                dst_ids = rng.sample(range(pool_blocks), n)
-            else:
-                src_ids, dst_ids = got, list(range(n))
-            start = time.perf_counter()
-            reply = call(conn, sid=sid, cmd="register", block_ids=src_ids, num_tokens=n * layout.block_size)
-            reg_seconds.append(time.perf_counter() - start)
-            handle = KVHandle.decode(reply["handle"].encode())
-            result = receiver.pull(handle, dst_ids)
-            if i == 0:
-                expected = logical_kv(layout, pool_blocks, 1)[:, :, src_ids]
-                if not torch.equal(pool.tensor[:, :, dst_ids].cpu(), expected):
-                    raise SystemExit("bench: the pulled blocks differ from the prefill pool")
-                del expected
-            else:
-                seconds.append(result.seconds)
-        status = call(conn, sid=sid, cmd="status")
-        if status["num_free"] != pool_blocks:
-            raise SystemExit(
-                f"bench: prefill pool has {status['num_free']} of {pool_blocks} blocks free after acks"
-            )
-        base = baseline_seconds(nbytes, device, args.repeats)
-        receiver.close()
-    finally:
-        conn.send_bytes(json.dumps({"cmd": "stop"}).encode())
-        peer.join(timeout=30)
+        try:
+            for i in range(args.repeats + 1):  # the first pull warms up connections, groups and mappings
+                scattered = args.placement == "scattered"
+                got = peer(sid, "allocate", n=pool_blocks if scattered else n)["block_ids"]
+                if scattered:
+                    src_ids, spare = got[::2], got[1::2]
+                    rng.shuffle(src_ids)
+                    peer(sid, "free", block_ids=spare)
+                    dst_ids = rng.sample(range(pool_blocks), n)
+                else:
+                    src_ids, dst_ids = got, list(range(n))
+                start = time.perf_counter()
+                reply = peer(sid, "register", block_ids=src_ids, num_tokens=n * layout.block_size)
+                reg_seconds.append(time.perf_counter() - start)
+                result = receiver.pull(KVHandle.decode(reply["handle"].encode()), dst_ids)
+                if i == 0:
+                    expected = logical_kv(layout, pool_blocks, 1)[:, :, src_ids]
+                    if not torch.equal(pool.tensor[:, :, dst_ids].cpu(), expected):
+                        raise SystemExit("bench: the pulled blocks differ from the prefill pool")
+                    del expected
+                else:
+                    seconds.append(result.seconds)
+            if peer.num_free(sid) != pool_blocks:
+                raise SystemExit(
+                    "bench: the prefill pool did not get its blocks back after the acknowledgements"
+                )
+        finally:
+            receiver.close()
+    base = baseline_seconds(nbytes, device, args.repeats)
     gbps = nbytes / min(seconds) / 1e9
     base_gbps = nbytes / min(base) / 1e9
     print(f"transport: {args.transport}  device: {device}  placement: {args.placement}")

@@ -9,7 +9,10 @@ the decode side can recompute what it should receive.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -127,3 +130,57 @@ def prefill_peer_main(conn: Connection) -> None:
         for s in senders.values():
             s.close()
     conn.send_bytes(b"{}")
+
+
+class PrefillPeer:
+    """The parent's side of a peer process: each start() makes a new sender there and returns its id."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def start(self, transport: str, layout: KVLayout, num_blocks: int, seed: int, **options: Any) -> int:
+        """A new sender over a pool of num_blocks holding logical_kv(layout, num_blocks, seed).
+
+        layout is the model-wide layout (all heads); options: tp_size, tp_rank, ttl, checksum, device.
+        """
+        reply = call(
+            self.conn,
+            cmd="start",
+            transport=transport,
+            layout=layout.to_dict(),
+            num_blocks=num_blocks,
+            seed=seed,
+            **options,
+        )
+        return int(reply["sid"])
+
+    def __call__(self, sid: int, cmd: str, **args: Any) -> dict[str, Any]:
+        return call(self.conn, sid=sid, cmd=cmd, **args)
+
+    def num_free(self, sid: int) -> int:
+        return int(self(sid, "status")["num_free"])
+
+    def counters(self, sid: int) -> dict[str, Any]:
+        return dict(self(sid, "status")["counters"])
+
+
+@contextmanager
+def spawn_prefill_peer() -> Iterator[PrefillPeer]:
+    """Starts a peer process ('spawn'), yields its client, and stops it (every sender closed) on exit."""
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=prefill_peer_main, args=(child,), daemon=True)
+    proc.start()
+    try:
+        yield PrefillPeer(conn)
+    finally:
+        try:
+            conn.send_bytes(json.dumps({"cmd": "stop"}).encode())
+            conn.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        conn.close()
