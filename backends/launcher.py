@@ -154,6 +154,9 @@ class TritonServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_handle: IO[bytes] | None = None
         self._ports: TritonPorts | None = None
+        # Stub shm regions seen while running: a stub killed mid-run (Triton 2.51 does not
+        # restart it) leaves its region behind, so the names must be known before stop.
+        self._shm_names: set[str] = set()
         self._temp_log = config.log_file is None
         self.log_path = Path(config.log_file) if config.log_file else self._make_temp_log()
 
@@ -219,6 +222,7 @@ class TritonServer:
             self._spawn()
             try:
                 self._wait_ready()
+                self._shm_names.update(_stub_shm_regions(self.pid))
                 atexit.register(self.stop)
                 return self
             except TritonServerError:
@@ -311,7 +315,8 @@ class TritonServer:
         if proc is None:
             return None
         pgid = proc.pid  # the session leader's pid is its group id
-        shm_names = _stub_shm_regions(pgid)
+        shm_names = self._shm_names | set(_stub_shm_regions(pgid))
+        self._shm_names = set()
         code = proc.poll()
         if code is None:
             _signal_group(pgid, signal.SIGINT)

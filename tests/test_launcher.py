@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import textwrap
 import urllib.request
@@ -181,3 +183,22 @@ def test_missing_install_fails_with_instruction(tmp_path: Path) -> None:
         TritonServer(TritonServerConfig(model_repository=tmp_path, install_dir=tmp_path)).start()
     with pytest.raises(pytest.fail.Exception, match="make tritonserver"):
         require_tritonserver(tmp_path)
+
+
+@pytest.mark.e2e
+def test_killed_stub_leaves_no_shm_region(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_double_repository(repo)
+    srv = start_tritonserver(repo, tmp_path)
+    stub = next(
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _pgid(p) == srv.pid and p.name != str(srv.pid)
+    )
+    region = next(a.decode() for a in (stub / "cmdline").read_bytes().split(b"\0") if b"shm_region" in a)
+    assert (Path("/dev/shm") / region).exists()
+    os.kill(int(stub.name), signal.SIGKILL)  # Triton 2.51 does not restart it
+    # A graceful server exit would unlink the region itself; a crashed server does not.
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.stop()
+    assert not (Path("/dev/shm") / region).exists()
