@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if args.transport in ("cuda_ipc", "nccl") else "cpu")
+    prefill_device = device
+    if args.transport == "nccl" and device.startswith("cuda"):
+        # NCCL refuses two ranks on one GPU: the prefill side takes the second GPU.
+        if torch.cuda.device_count() < 2:
+            raise SystemExit("bench: nccl between two processes needs two GPUs (or --device cpu for gloo)")
+        device, prefill_device = "cuda:0", "cuda:1"
     layout = KVLayout(args.layers, args.kv_heads, args.head_dim, args.block_size, args.dtype)
     n = max(1, (args.mib << 20) // layout.bytes_per_block)
     pool_blocks = 2 * n
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = random.Random(0)
     with spawn_prefill_peer() as peer:
-        sid = peer.start(args.transport, layout, pool_blocks, seed=1, device=device)
+        sid = peer.start(args.transport, layout, pool_blocks, seed=1, device=prefill_device)
         pool = KVPool.allocate(layout, pool_blocks, device)
         receiver = create_receiver(args.transport, pool, ReceiverConfig())
         seconds, reg_seconds = [], []
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     base = baseline_seconds(nbytes, device, args.repeats)
     gbps = nbytes / min(seconds) / 1e9
     base_gbps = nbytes / min(base) / 1e9
-    print(f"transport: {args.transport}  device: {device}  placement: {args.placement}")
+    print(f"transport: {args.transport}  device: {prefill_device} -> {device}  placement: {args.placement}")
     print(f"moved: {nbytes / 2**20:.1f} MiB = {n} blocks of {layout.bytes_per_block} bytes ({layout})")
     print(
         f"transfer: {gbps:.2f} GB/s (best of {args.repeats}; median {nbytes / statistics.median(seconds) / 1e9:.2f})"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from backends.engine.block_manager import BlockManager
-from backends.engine.kv_cache import KVPool
+from backends.engine.kv_cache import KVPool, dtype_name
 from kv_transfer.base import KVReceiver, KVSender, ProgressFn
 from kv_transfer.blockcopy import matched_runs, planes_u8
 from kv_transfer.config import ReceiverConfig, SenderConfig
@@ -65,7 +65,8 @@ class CudaIpcSender(KVSender):
                 "storage_offset_bytes": int(offset),
                 "ref_counter_handle": _b64(rc_handle),
                 "ref_counter_offset": int(rc_offset),
-                "event_handle": _b64(ev_handle) if ev_handle else "",
+                # passed back exactly as torch returned it (bytes, or None)
+                "event_handle": None if ev_handle is None else _b64(ev_handle),
                 "event_sync_required": bool(ev_sync),
                 "tensor_offset": int(t.storage_offset()),
                 "shape": list(t.shape),
@@ -84,15 +85,17 @@ def import_pool(export: Header, expected_shape: tuple[int, ...], dtype: torch.dt
             "offset": int(export["storage_offset_bytes"]),
             "rc_handle": base64.b64decode(export["ref_counter_handle"], validate=True),
             "rc_offset": int(export["ref_counter_offset"]),
-            "ev_handle": base64.b64decode(export["event_handle"], validate=True)
-            if export["event_handle"]
-            else None,
+            "ev_handle": None
+            if export["event_handle"] is None
+            else base64.b64decode(export["event_handle"], validate=True),
             "ev_sync": bool(export["event_sync_required"]),
             "tensor_offset": int(export["tensor_offset"]),
         }
         shape = tuple(int(x) for x in export["shape"])
     except (KeyError, TypeError, ValueError) as exc:
         raise KVProtocolError(f"malformed cuda_ipc export: {exc!r}") from None
+    if export.get("dtype") != dtype_name(dtype):
+        raise KVProtocolError(f"exported pool dtype {export.get('dtype')!r} does not match the handle's")
     if shape != expected_shape:
         raise KVProtocolError(f"exported pool shape {shape} does not match the handle's {expected_shape}")
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -101,6 +104,7 @@ def import_pool(export: Header, expected_shape: tuple[int, ...], dtype: torch.dt
         numel *= d
     if (fields["tensor_offset"] + numel) * itemsize > fields["size"]:
         raise KVProtocolError("exported storage is smaller than the pool it claims to hold")
+    torch.cuda.init()
     storage = torch.UntypedStorage._new_shared_cuda(
         fields["device"],
         fields["handle"],
@@ -111,9 +115,10 @@ def import_pool(export: Header, expected_shape: tuple[int, ...], dtype: torch.dt
         fields["ev_handle"],
         fields["ev_sync"],
     )
-    tensor = torch.empty((0,), dtype=dtype, device=f"cuda:{fields['device']}")
+    # The same reconstruction torch.multiprocessing uses for CUDA tensors received from another process.
     stride = torch.empty(shape, dtype=dtype, device="meta").stride()
-    tensor.set_(storage, fields["tensor_offset"], shape, stride)
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+    tensor = torch._utils._rebuild_tensor(typed, fields["tensor_offset"], shape, stride)
     return tensor
 
 

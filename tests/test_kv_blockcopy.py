@@ -96,3 +96,64 @@ def test_control_server_replies_errors_and_drops_garbage() -> None:
     finally:
         client.close()
         server.close()
+
+
+@pytest.mark.parametrize("scattered", [False, True])
+@pytest.mark.parametrize("heads", ["full", "half"])
+def test_batched_device_copy_logic(scattered: bool, heads: str) -> None:
+    """cuda_ipc's gather (run copies or per-layer index ops), exercised on CPU tensors."""
+    from kv_transfer.cuda_ipc import copy_blocks_cuda
+    from kv_transfer.reshard import plan_pull
+
+    layout = KVLayout(num_layers=3, num_kv_heads=4, head_dim=8, block_size=2, dtype="float16")
+    src = KVPool.allocate(layout, 30)
+    src.tensor.copy_(torch.randn(src.tensor.shape))
+    rng = random.Random(f"{scattered}{heads}")
+    src_ids = rng.sample(range(30), 12) if scattered else list(range(5, 17))
+    dst_ids = rng.sample(range(20), 12) if scattered else [*range(0, 6), *range(10, 16)]
+    if heads == "full":
+        plan = plan_pull(4, 1, 1, 0)[0]
+        dst = KVPool.allocate(layout, 20)
+        copy_blocks_cuda(src.tensor, src_ids, dst.tensor, dst_ids, plan)
+        assert torch.equal(dst.gather(dst_ids), src.gather(src_ids))
+    else:
+        plan = plan_pull(4, 1, 2, 1)[0]  # decode rank 1 of 2 takes heads 2..4
+        half = KVLayout(3, 2, 8, 2, "float16")
+        dst = KVPool.allocate(half, 20)
+        copy_blocks_cuda(src.tensor, src_ids, dst.tensor, dst_ids, plan)
+        assert torch.equal(dst.gather(dst_ids), src.gather(src_ids)[:, :, :, :, 2:4])
+    untouched = sorted(set(range(20)) - set(dst_ids))
+    assert torch.count_nonzero(dst.gather(untouched)) == 0
+
+
+def test_malformed_cuda_ipc_exports_are_refused_before_opening() -> None:
+    from kv_transfer.cuda_ipc import import_pool
+
+    good = {
+        "ok": True,
+        "device": 0,
+        "handle": "AAAA",
+        "storage_size": 4096,
+        "storage_offset_bytes": 0,
+        "ref_counter_handle": "AAAA",
+        "ref_counter_offset": 0,
+        "event_handle": None,
+        "event_sync_required": False,
+        "tensor_offset": 0,
+        "shape": [1, 2, 4, 4, 2, 8],
+        "dtype": "float16",
+    }
+    shape = (1, 2, 4, 4, 2, 8)
+    for bad, message in (
+        ({"handle": "not base64!"}, "malformed"),
+        ({"shape": "x"}, "malformed"),
+        ({"storage_size": 100}, "smaller than the pool"),
+        ({"shape": [1, 2, 5, 4, 2, 8]}, "does not match"),
+        ({"dtype": "float32"}, "dtype"),
+    ):
+        with pytest.raises(KVProtocolError, match=message):
+            import_pool({**good, **bad}, shape, torch.float16)
+    reduced = dict(good)
+    del reduced["tensor_offset"]
+    with pytest.raises(KVProtocolError, match="malformed"):
+        import_pool(reduced, shape, torch.float16)
