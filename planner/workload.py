@@ -202,16 +202,24 @@ def from_file(path: str | Path, max_len: int | None = None) -> Workload:
             rows = json.loads(text)
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        prompts = np.array([_pick(r, _P_NAMES, str(p)) for r in rows], dtype=np.int64)
-        outputs = np.array([_pick(r, _O_NAMES, str(p)) for r in rows], dtype=np.int64)
-    except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
+    except (json.JSONDecodeError, ValueError) as exc:
         raise PlannerError(f"workload file {p}: malformed ({exc})") from exc
+    return from_rows(rows, p.name, max_len)
+
+
+def from_rows(rows: list[dict[str, Any]], name: str, max_len: int | None = None) -> Workload:
+    """Lengths from records with a prompt and an output token count (see _P_NAMES, _O_NAMES)."""
+    try:
+        prompts = np.array([_pick(r, _P_NAMES, name) for r in rows], dtype=np.int64)
+        outputs = np.array([_pick(r, _O_NAMES, name) for r in rows], dtype=np.int64)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise PlannerError(f"workload {name}: malformed ({exc})") from exc
     if max_len is not None:
         keep = prompts + outputs <= max_len
         prompts, outputs = prompts[keep], outputs[keep]
     if len(prompts) == 0:
-        raise PlannerError(f"workload file {p}: no usable requests")
-    return Workload(p.name, prompts, outputs)
+        raise PlannerError(f"workload {name}: no usable requests")
+    return Workload(name, prompts, outputs)
 
 
 def load_workload(
