@@ -16,7 +16,7 @@ from backends.common.client_stream import ClientStream
 from backends.common.interface import CLIENT_INPUTS
 from backends.common.metrics import BATCH_BUCKETS
 from backends.common.requests import parse_client_request, prompt_ids
-from backends.common.triton_glue import Metrics, TritonSink, read_inputs
+from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
 from backends.engine.engine import LLMEngine
 from backends.engine.errors import RequestError
 from backends.engine.tokenizer import load_tokenizer
@@ -48,6 +48,10 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> None:
+        with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
+            self._accept(requests)
+
+    def _accept(self, requests: list[Any]) -> None:
         for request in requests:
             arrived = time.perf_counter()
             sink = TritonSink(request)
@@ -61,7 +65,6 @@ class TritonPythonModel:
                 continue
             stream = ClientStream(sink, self.tokenizer, req.stream, req.stop_words, self.latency, arrived)
             self.worker.submit(seq, stream)
-        return None
 
     def finalize(self) -> None:
         self.worker.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +19,13 @@ from backends.common.sink import Outputs
 
 log = logging.getLogger(__name__)
 
+# The 2.51 stub's message queue to the server is not safe for concurrent use: responses sent and
+# BLS requests started from several threads at once corrupt it (the server then aborts). Every
+# such call in this process takes this lock; none of them blocks for long. Reentrant: execute()
+# holds it while it may send error responses.
+PB_LOCK = threading.RLock()
+CANCEL_POLL_S = 0.05
+
 
 class TritonSink:
     """ResponseSink over a decoupled request's response sender (thread-safe, closes once)."""
@@ -26,6 +34,8 @@ class TritonSink:
         self._sender = request.get_response_sender()
         self._lock = threading.Lock()
         self._closed = False
+        self._cancelled = False
+        self._checked_at = 0.0
 
     def send(self, outputs: Outputs, final: bool) -> None:
         tensors = [pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in outputs.items()]
@@ -35,10 +45,17 @@ class TritonSink:
         self._send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), True)
 
     def is_cancelled(self) -> bool:
+        # Each real check is an IPC round trip to the server: ask at most every CANCEL_POLL_S.
+        now = time.monotonic()
+        if self._cancelled or now - self._checked_at < CANCEL_POLL_S:
+            return self._cancelled
+        self._checked_at = now
         try:
-            return bool(self._sender.is_cancelled())
+            with PB_LOCK:
+                self._cancelled = bool(self._sender.is_cancelled())
         except Exception:
-            return False
+            pass
+        return self._cancelled
 
     def _send(self, response: Any, final: bool) -> None:
         with self._lock:
@@ -47,7 +64,8 @@ class TritonSink:
             self._closed = final
             flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
             try:
-                self._sender.send(response, flags=flags)
+                with PB_LOCK:
+                    self._sender.send(response, flags=flags)
             except Exception as exc:  # the client is gone; nothing else to do for this request
                 log.info("could not send a response: %s", exc)
                 self._closed = True
@@ -63,6 +81,25 @@ def read_inputs(request: Any, specs: Iterable[TensorSpec]) -> dict[str, np.ndarr
     return out
 
 
+class _LockedMetric:
+    """A pb_utils Metric whose updates (IPC to the server) take PB_LOCK."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+
+    def set(self, value: float) -> None:
+        with PB_LOCK:
+            self._metric.set(value)
+
+    def increment(self, value: float) -> None:
+        with PB_LOCK:
+            self._metric.increment(value)
+
+    def observe(self, value: float) -> None:
+        with PB_LOCK:
+            self._metric.observe(value)
+
+
 class Metrics:
     """Creates metric families once per model and metrics labelled with the model and instance."""
 
@@ -75,12 +112,14 @@ class Metrics:
             self._families[name] = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         return self._families[name]
 
-    def gauge(self, name: str, description: str) -> Any:
-        return self._family(name, description, pb_utils.MetricFamily.GAUGE).Metric(labels=self.labels)
+    def gauge(self, name: str, description: str) -> _LockedMetric:
+        family = self._family(name, description, pb_utils.MetricFamily.GAUGE)
+        return _LockedMetric(family.Metric(labels=self.labels))
 
-    def counter(self, name: str, description: str) -> Any:
-        return self._family(name, description, pb_utils.MetricFamily.COUNTER).Metric(labels=self.labels)
+    def counter(self, name: str, description: str) -> _LockedMetric:
+        family = self._family(name, description, pb_utils.MetricFamily.COUNTER)
+        return _LockedMetric(family.Metric(labels=self.labels))
 
-    def histogram(self, name: str, description: str, buckets: Iterable[float]) -> Any:
+    def histogram(self, name: str, description: str, buckets: Iterable[float]) -> _LockedMetric:
         family = self._family(name, description, pb_utils.MetricFamily.HISTOGRAM)
-        return family.Metric(labels=self.labels, buckets=list(buckets))
+        return _LockedMetric(family.Metric(labels=self.labels, buckets=list(buckets)))

@@ -18,7 +18,7 @@ from backends.common import params as P
 from backends.common.interface import DECODE_INPUTS
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from backends.common.requests import parse_ids, parse_sampling
-from backends.common.triton_glue import Metrics, TritonSink, read_inputs
+from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
 from backends.engine.engine import LLMEngine
 from backends.engine.errors import RequestError
@@ -65,6 +65,10 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> None:
+        with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
+            self._accept(requests)
+
+    def _accept(self, requests: list[Any]) -> None:
         for request in requests:
             sink = TritonSink(request)
             try:
@@ -83,7 +87,6 @@ class TritonPythonModel:
                 sink.error(str(e))
                 continue
             self.worker.submit(DecodeJob(seq, handle, sink))
-        return None
 
     def finalize(self) -> None:
         self.worker.stop()

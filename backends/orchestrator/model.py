@@ -22,7 +22,7 @@ from backends.common import params as P
 from backends.common.client_stream import ClientStream
 from backends.common.interface import CLIENT_INPUTS, DECODE_OUTPUTS, PREFILL_OUTPUTS
 from backends.common.requests import parse_client_request, prompt_ids
-from backends.common.triton_glue import Metrics, TritonSink, read_inputs
+from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
 from backends.engine.errors import RequestError
 from backends.engine.tokenizer import load_tokenizer
 from backends.orchestrator.leases import LeaseReleaser
@@ -91,9 +91,15 @@ class TritonPythonModel:
             inputs=[pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in inputs.items()],
             requested_output_names=self._outputs[kind],
         )
-        return BLSResponses(request.exec(decoupled=True), self._outputs[kind])
+        with PB_LOCK:
+            iterator = request.exec(decoupled=True)
+        return BLSResponses(iterator, self._outputs[kind])
 
     def execute(self, requests: list[Any]) -> None:
+        with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
+            self._accept(requests)
+
+    def _accept(self, requests: list[Any]) -> None:
         for request in requests:
             arrived = time.perf_counter()
             sink = TritonSink(request)
@@ -105,7 +111,6 @@ class TritonPythonModel:
                 continue
             stream = ClientStream(sink, self.tokenizer, req.stream, req.stop_words, self.latency, arrived)
             self.pool.submit(self.pipeline.run, ids, req.params, stream)
-        return None
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
