@@ -9,6 +9,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 from tqdm import tqdm
 
 from planner import PlannerError
@@ -18,6 +19,7 @@ from planner.latency import DEFAULT_HOP_MS, PhaseLatency, phase_latency
 from planner.memory import CapacityTable, kv_capacity_tokens
 from planner.model_spec import ModelSpec
 from planner.profile import TpProfile
+from planner.sim_stats import Attainment
 from planner.simulator import Instance, SimConfig
 from planner.workload import Workload
 
@@ -123,9 +125,37 @@ def rate_hint(problem: Problem, task: PhaseTask) -> float:
     return 0.8 * batch * task.pp / (max(o_mean - 1, 1.0) * step)
 
 
+def zero_load_attainment(problem: Problem, task: PhaseTask) -> float:
+    """Fraction of the workload's requests that meet the task's SLO(s) on an otherwise idle
+    instance. No rate does better, so when this misses the target the goodput is 0 (and the search,
+    which would crawl down to tiny rates, is skipped)."""
+    w = problem.workload
+    p = w.prompt_lens.astype(np.float64)
+    o = w.output_lens.astype(np.float64)
+    lat = problem.latency(task.tp, task.pp, colocated=task.kind == "colocated")
+    ok = np.ones(len(p), dtype=bool)
+    if task.kind in ("prefill", "colocated"):
+        a, b, c = lat.coef.prefill
+        ttft = np.maximum(a + b * p + c * p * p, 0.0) / 1000.0 + lat.pp * lat.hop_ms / 1000.0
+        ok &= ttft <= problem.slo.ttft
+    if task.kind in ("decode", "colocated"):
+        a, b, c = lat.coef.decode_small  # a batch of one is always in the small-batch regime
+        # Mean step of a lone sequence: its context grows from p + 1 to p + o - 1.
+        step = np.maximum(a + b * (p + o / 2.0) + c, 0.0) / 1000.0 + lat.pp * lat.hop_ms / 1000.0
+        xfer = np.zeros_like(p)
+        if task.kind == "decode":
+            c_ = problem.cluster
+            gbps = c_.intra_node_gbps() if task.same_node else c_.network_gbps
+            xfer = c_.link_latency_s + p * problem.model.kv_bytes_per_token / (gbps * 1e9)
+        ok &= np.where(o > 1, step + xfer / np.maximum(o - 1, 1), 0.0) <= problem.slo.tpot
+    return float(ok.mean())
+
+
 def _run(task: PhaseTask) -> tuple[PhaseTask, Goodput]:
     assert _PROBLEM is not None
     p = _PROBLEM
+    if zero_load_attainment(p, task) < p.slo.attainment:
+        return task, Goodput(0.0, Attainment(0.0, 0.0, 0.0, 0), 0)
     return task, search_goodput(task_config(p, task), p.workload, p.slo, p.settings, hint=rate_hint(p, task))
 
 

@@ -1,0 +1,114 @@
+"""Triton model repository writer: conventions, parseable configs, the committed default copy."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from backends.common.interface import MODEL_INTERFACES
+from planner import PlannerError
+from planner.deployment import (
+    Deployment,
+    EngineParams,
+    OrchestratorSpec,
+    ReplicaSpec,
+    default_deployment,
+    replica_names,
+)
+from planner.repository import main, write_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def params(cfg: mc.ModelConfig) -> dict[str, str]:
+    return {k: v.string_value for k, v in cfg.parameters.items()}
+
+
+def test_committed_default_repository_is_current(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model_repository/ is what `python -m planner.repository --out model_repository` writes."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "model_repository"
+    assert main(["--out", "model_repository"]) == 0
+    committed = ROOT / "model_repository"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in committed.iterdir() if p.is_dir())
+    for name in names:
+        for rel in ("config.pbtxt", "1/model.py"):
+            assert filecmp.cmp(out / name / rel, committed / name / rel, shallow=False), f"{name}/{rel}"
+
+
+def test_default_repository_follows_the_conventions(tmp_path: Path) -> None:
+    write_repository(default_deployment("../models/tiny-llama"), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colocated", "decode", "orchestrator", "prefill"]
+    for folder in tmp_path.iterdir():
+        cfg = parse(folder / "config.pbtxt")
+        assert cfg.name == folder.name and cfg.backend == "python" and cfg.max_batch_size == 0
+        assert cfg.model_transaction_policy.decoupled
+        role = folder.name
+        inputs, outputs = MODEL_INTERFACES[role]
+        assert [(i.name, mc.DataType.Name(i.data_type), tuple(i.dims), i.optional) for i in cfg.input] == [
+            (s.name, s.data_type, s.dims, s.optional) for s in inputs
+        ]
+        assert [o.name for o in cfg.output] == [s.name for s in outputs]
+        (group,) = cfg.instance_group
+        assert group.count == 1 and group.kind == mc.ModelInstanceGroup.KIND_CPU
+        assert (
+            f"from backends.{role}.model import TritonPythonModel" in (folder / "1" / "model.py").read_text()
+        )
+    orch = params(parse(tmp_path / "orchestrator" / "config.pbtxt"))
+    assert orch["prefill_models"] == "prefill" and orch["decode_models"] == "decode"
+    eng = params(parse(tmp_path / "prefill" / "config.pbtxt"))
+    assert (
+        eng["model_dir"] == "../models/tiny-llama" and eng["device"] == "cpu" and eng["max_model_len"] == ""
+    )
+    for key in ("dtype", "block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs", "tp_size",
+                "pp_size", "num_threads", "kv_transport", "kv_lease_seconds", "device_ids"):  # fmt: skip
+        assert key in eng
+
+
+def test_gpu_instance_groups_and_stale_models(tmp_path: Path) -> None:
+    def rep(name: str, role: str, ids: tuple[int, ...], tp: int) -> ReplicaSpec:
+        return ReplicaSpec(
+            name, role, EngineParams("/m", "cuda", "float16", tp_size=tp, kv_transport="nccl"), ids
+        )
+
+    dep = Deployment(
+        prefill=(rep("prefill_0", "prefill", (0,), 1), rep("prefill_1", "prefill", (1,), 1)),
+        decode=(rep("decode", "decode", (2, 3), 2),),
+        orchestrator=OrchestratorSpec("/m"),
+    )
+    (tmp_path / "colocated").mkdir()
+    (tmp_path / "colocated" / "config.pbtxt").write_text('name: "colocated"')
+    (tmp_path / "notes").mkdir()  # not a model folder: left alone
+    assert write_repository(dep, tmp_path) == ["decode", "orchestrator", "prefill_0", "prefill_1"]
+    assert not (tmp_path / "colocated").exists() and (tmp_path / "notes").is_dir()
+    g = parse(tmp_path / "prefill_1" / "config.pbtxt").instance_group[0]
+    assert g.kind == mc.ModelInstanceGroup.KIND_GPU and list(g.gpus) == [1]
+    d = parse(tmp_path / "decode" / "config.pbtxt")
+    assert d.instance_group[0].kind == mc.ModelInstanceGroup.KIND_MODEL
+    assert params(d)["device_ids"] == "2,3" and params(d)["tp_size"] == "2"
+    assert (
+        params(parse(tmp_path / "orchestrator" / "config.pbtxt"))["prefill_models"] == "prefill_0,prefill_1"
+    )
+
+
+def test_deployment_validation() -> None:
+    assert replica_names("decode", 1) == ["decode"] and replica_names("decode", 2) == ["decode_0", "decode_1"]
+    with pytest.raises(PlannerError, match="device must be"):
+        EngineParams("/m", device="tpu")
+    with pytest.raises(PlannerError, match="num_blocks"):
+        EngineParams("/m", num_blocks=0)
+    with pytest.raises(PlannerError, match="needs device ids"):
+        ReplicaSpec("prefill", "prefill", EngineParams("/m", "cuda"))
+    cpu = EngineParams("/m")
+    with pytest.raises(PlannerError, match="must be named"):
+        Deployment((ReplicaSpec("prefill_0", "prefill", cpu),), (ReplicaSpec("decode", "decode", cpu),),
+                   OrchestratorSpec("/m"))  # fmt: skip
