@@ -3,6 +3,7 @@ and reading Triton's Prometheus metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import re
 import urllib.request
@@ -12,47 +13,27 @@ from typing import Any, NamedTuple
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from backends.common.interface import MODEL_INTERFACES
 
+def write_repository(out: Path, model_dir: Path, **engine_overrides: Any) -> Path:
+    """The default deployment (prefill, decode, colocated, orchestrator on CPU) for model_dir,
+    written by the project's generator, with engine parameters overridden for a test."""
+    from planner.deployment import default_deployment
+    from planner.repository import write_repository as write
 
-def write_repository(out: Path, model_dir: Path, **engine_overrides: str | int | float) -> Path:
-    """The default deployment (prefill, decode, colocated, orchestrator on CPU) for model_dir."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
+    dep = default_deployment(str(model_dir.resolve()))
+    engine_overrides.setdefault("num_threads", 1)  # four model processes share two cores
 
-    engine = {
-        "model_dir": str(model_dir.resolve()),
-        "device": "cpu",
-        "dtype": "float32",
-        "block_size": 16,
-        "num_blocks": 256,
-        "max_num_batched_tokens": 2048,
-        "max_num_seqs": 64,
-        "num_threads": 1,
-        "kv_transport": "shm",
-        "kv_lease_seconds": 30,
-    }
-    engine.update(engine_overrides)
+    def tuned(rep: Any) -> Any:
+        return dataclasses.replace(rep, engine=dataclasses.replace(rep.engine, **engine_overrides))
 
-    def write(name: str, params: dict[str, Any]) -> None:
-        cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
-        cfg.model_transaction_policy.decoupled = True
-        ins, outs = MODEL_INTERFACES[name]
-        for s in ins:
-            cfg.input.add(name=s.name, data_type=mc.DataType.Value(s.data_type), dims=list(s.dims), optional=s.optional)
-        for s in outs:
-            cfg.output.add(name=s.name, data_type=mc.DataType.Value(s.data_type), dims=list(s.dims))
-        group = cfg.instance_group.add()
-        group.count, group.kind = 1, mc.ModelInstanceGroup.KIND_CPU
-        for k, v in params.items():
-            cfg.parameters[k].string_value = str(v)
-        (out / name / "1").mkdir(parents=True, exist_ok=True)
-        (out / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
-        (out / name / "1" / "model.py").write_text(f"from backends.{name}.model import TritonPythonModel  # noqa: F401\n")
-
-    for name in ("prefill", "decode", "colocated"):
-        write(name, engine)
-    write("orchestrator", {"model_dir": engine["model_dir"], "prefill_models": "prefill", "decode_models": "decode"})
+    assert dep.colocated is not None
+    dep = dataclasses.replace(
+        dep,
+        prefill=tuple(tuned(r) for r in dep.prefill),
+        decode=tuple(tuned(r) for r in dep.decode),
+        colocated=tuned(dep.colocated),
+    )
+    write(dep, out)
     return out
 
 
@@ -67,7 +48,10 @@ class StreamResult(NamedTuple):
 def client_inputs(
     text: str | None = None, max_tokens: int = 16, stream: bool = True, **extra: np.ndarray
 ) -> list[grpcclient.InferInput]:
-    arrays: dict[str, np.ndarray] = {"max_tokens": np.array([max_tokens], dtype=np.int32), "stream": np.array([stream])}
+    arrays: dict[str, np.ndarray] = {
+        "max_tokens": np.array([max_tokens], dtype=np.int32),
+        "stream": np.array([stream]),
+    }
     if text is not None:
         arrays["text_input"] = np.array([text.encode()], dtype=object)
     arrays.update(extra)
@@ -80,7 +64,9 @@ def client_inputs(
     return inputs
 
 
-def stream_many(url: str, model: str, requests: list[list[grpcclient.InferInput]], timeout: float = 120.0) -> list[StreamResult]:
+def stream_many(
+    url: str, model: str, requests: list[list[grpcclient.InferInput]], timeout: float = 120.0
+) -> list[StreamResult]:
     """Sends all requests at once on one gRPC stream; returns each one's collected responses."""
     results: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client = grpcclient.InferenceServerClient(url)

@@ -32,6 +32,7 @@ class ColocatedWorker:
         self._streams: dict[Sequence, ClientStream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._update_gauges()
         self._thread = threading.Thread(target=self._loop, name="colocated-loop", daemon=True)
         self._thread.start()
 

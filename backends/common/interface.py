@@ -44,22 +44,33 @@ PREFILL_INPUTS = (
     *SAMPLING_INPUTS,
     TensorSpec("request_id", "TYPE_STRING", (1,), optional=True),
 )
+# Prefill and decode are called by the orchestrator through BLS, where an error response from a
+# python model is lost (2.51), so they report errors in-band: finish_reason "error" and the
+# message in error_message.
+ERROR_OUTPUT = TensorSpec("error_message", "TYPE_STRING", (1,))
+
 PREFILL_OUTPUTS = (
     TensorSpec("first_token", "TYPE_INT32", (1,)),
     TensorSpec("kv_handle", "TYPE_STRING", (1,)),
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
+    ERROR_OUTPUT,
 )
 
+# A decode request is either a sequence to continue (input_ids, first_token, kv_handle, max_tokens
+# and the sampling inputs, under a request_id) or a control request {request_id, cancel: true}
+# that stops the sequence of that id. So every input is optional here; the model checks them.
 DECODE_INPUTS = (
-    TensorSpec("input_ids", "TYPE_INT32", (-1,)),
-    TensorSpec("first_token", "TYPE_INT32", (1,)),
-    TensorSpec("kv_handle", "TYPE_STRING", (1,)),
-    *SAMPLING_INPUTS,
+    TensorSpec("input_ids", "TYPE_INT32", (-1,), optional=True),
+    TensorSpec("first_token", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("kv_handle", "TYPE_STRING", (1,), optional=True),
+    *(spec._replace(optional=True) for spec in SAMPLING_INPUTS),
     TensorSpec("request_id", "TYPE_STRING", (1,), optional=True),
+    TensorSpec("cancel", "TYPE_BOOL", (1,), optional=True),
 )
 DECODE_OUTPUTS = (
     TensorSpec("output_ids", "TYPE_INT32", (-1,)),
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
+    ERROR_OUTPUT,
 )
 
 MODEL_INTERFACES: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {

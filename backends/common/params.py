@@ -85,3 +85,7 @@ def int_param(params: Mapping[str, str], key: str, default: int) -> int:
     value = _int(params, key, default)
     assert value is not None
     return value
+
+
+def float_param(params: Mapping[str, str], key: str, default: float) -> float:
+    return _float(params, key, default)

@@ -54,6 +54,14 @@ def _utf8(value: Any, name: str) -> str:
     raise RequestError(f"input '{name}' must be a string, got {type(value).__name__}")
 
 
+def text_input(inputs: Inputs, name: str) -> str:
+    """A one-string input (BYTES [1]) as text."""
+    arr = np.asarray(inputs[name], dtype=object).reshape(-1)
+    if arr.size != 1:
+        raise RequestError(f"input '{name}' must hold exactly one string, got {arr.size}")
+    return _utf8(arr[0], name)
+
+
 def parse_sampling(inputs: Inputs) -> SamplingParams:
     """max_tokens (required), temperature, top_k, top_p, random_seed, end_id.
     Absent temperature means greedy; end_id replaces the model's EOS as the token that ends output."""

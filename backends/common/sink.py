@@ -30,3 +30,11 @@ def token_outputs(token_ids: list[int], finish_reason: str | None) -> Outputs:
         "output_ids": np.asarray(token_ids, dtype=np.int32),
         "finish_reason": np.asarray([(finish_reason or "").encode()], dtype=object),
     }
+
+
+def error_outputs(message: str) -> Outputs:
+    """An in-band error (see interface.ERROR_OUTPUT)."""
+    return {
+        "finish_reason": np.asarray([b"error"], dtype=object),
+        "error_message": np.asarray([message.encode("utf-8", "replace")], dtype=object),
+    }

@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.common.interface import TensorSpec
-from backends.common.sink import Outputs
+from backends.common.sink import Outputs, error_outputs
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ CANCEL_POLL_S = 0.05
 class TritonSink:
     """ResponseSink over a decoupled request's response sender (thread-safe, closes once)."""
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: Any, inband_errors: bool = False) -> None:
         self._sender = request.get_response_sender()
+        self._inband = inband_errors
         self._lock = threading.Lock()
         self._closed = False
         self._cancelled = False
@@ -42,7 +43,10 @@ class TritonSink:
         self._send(pb_utils.InferenceResponse(output_tensors=tensors), final)
 
     def error(self, message: str) -> None:
-        self._send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), True)
+        if self._inband:  # for models called through BLS (see interface.ERROR_OUTPUT)
+            self.send(error_outputs(message), final=True)
+        else:
+            self._send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), True)
 
     def is_cancelled(self) -> bool:
         # Each real check is an IPC round trip to the server: ask at most every CANCEL_POLL_S.

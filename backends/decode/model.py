@@ -17,7 +17,8 @@ import numpy as np
 from backends.common import params as P
 from backends.common.interface import DECODE_INPUTS
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
-from backends.common.requests import parse_ids, parse_sampling
+from backends.common.requests import parse_ids, parse_sampling, text_input
+from backends.common.sink import token_outputs
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
 from backends.engine.engine import LLMEngine
@@ -70,19 +71,25 @@ class TritonPythonModel:
 
     def _accept(self, requests: list[Any]) -> None:
         for request in requests:
-            sink = TritonSink(request)
+            sink = TritonSink(request, inband_errors=True)
             try:
                 inputs = read_inputs(request, DECODE_INPUTS)
-                params = parse_sampling(inputs)
-                seq = self.engine.new_sequence(parse_ids(inputs), params, request.request_id())
+                request_id = text_input(inputs, "request_id") if "request_id" in inputs else ""
+                if "cancel" in inputs and bool(np.asarray(inputs["cancel"]).reshape(-1)[0]):
+                    if not request_id:
+                        raise RequestError("a cancel request needs the request_id of the sequence to stop")
+                    self.worker.cancel(request_id)
+                    sink.send(token_outputs([], "abort"), final=True)
+                    continue
+                for name in ("input_ids", "first_token", "kv_handle"):
+                    if name not in inputs:
+                        raise RequestError(f"missing required input '{name}'")
+                seq = self.engine.new_sequence(parse_ids(inputs), parse_sampling(inputs), request_id)
                 first = parse_ids(inputs, "first_token")
                 if len(first) != 1:
                     raise RequestError("input 'first_token' must hold exactly one token id")
                 seq.output_ids.append(first[0])
-                raw = np.asarray(inputs["kv_handle"], dtype=object).reshape(-1)
-                if raw.size != 1:
-                    raise RequestError("input 'kv_handle' must hold exactly one handle")
-                handle = KVHandle.decode(bytes(raw[0]))
+                handle = KVHandle.decode(text_input(inputs, "kv_handle").encode())
             except (RequestError, KVHandleError) as e:
                 sink.error(str(e))
                 continue

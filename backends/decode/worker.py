@@ -5,7 +5,9 @@ in memory (their KV then streams in on a transfer thread while decoding goes on)
 ones, and run one decode step over every running sequence, sending each new token at once.
 Invariants: a job ends with exactly one final response or error; every block a job took is freed
 when it ends (finished, cancelled, failed transfer); a job not yet admitted holds no decode memory
-(its KV waits in the prefill instance's pool, under lease).
+(its KV waits in the prefill instance's pool, under lease). A job waiting for memory or for its KV
+gets an empty heartbeat response every heartbeat_s, so a caller can tell a slow queue from a dead
+instance.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import numpy as np
 
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink, token_outputs
@@ -32,10 +36,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class DecodeJob:
-    seq: Sequence  # prompt_ids, params, seed; output_ids == [first token]
+    seq: Sequence  # prompt_ids, params, seed; output_ids == [first token]; request_id names it
     handle: KVHandle
     sink: ResponseSink
     arrived: float = field(default_factory=time.perf_counter)
+    last_sent: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def gone(self) -> bool:
+        return self.cancelled or self.sink.is_cancelled()
 
 
 class DecodeMetrics(NamedTuple):
@@ -56,7 +65,11 @@ class DecodeWorker:
         receiver: KVReceiver,
         metrics: DecodeMetrics | None = None,
         transfer_threads: int = 4,
+        heartbeat_s: float = 1.0,
     ) -> None:
+        self.heartbeat_s = heartbeat_s
+        self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._by_id: dict[str, DecodeJob] = {}
         self.engine = engine
         self.receiver = receiver
         self.metrics = metrics or DecodeMetrics()
@@ -68,11 +81,17 @@ class DecodeWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._transfers = ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-pull")
+        self._update_gauges()
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self._thread.start()
 
     def submit(self, job: DecodeJob) -> None:
         self._inbox.put(job)
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Stops the job submitted under request_id (unknown or finished ids are ignored)."""
+        self._cancels.put(request_id)
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -91,6 +110,7 @@ class DecodeWorker:
                 self._drop_cancelled()
                 self._admit()
                 self._collect_transfers()
+                self._heartbeat()
                 if self._running:
                     self._step()
                 else:
@@ -104,20 +124,49 @@ class DecodeWorker:
     def _take_new(self) -> None:
         while True:
             try:
-                self._pending.append(self._inbox.get_nowait())
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._pending.append(job)
+            if job.seq.request_id:
+                self._by_id[job.seq.request_id] = job
+        while True:
+            try:
+                target = self._by_id.get(self._cancels.get_nowait())
             except queue.Empty:
                 return
+            if target is not None:
+                target.cancelled = True
 
     def _drop_cancelled(self) -> None:
-        for job in [j for j in self._pending if j.sink.is_cancelled()]:
+        for job in [j for j in self._pending if j.gone()]:
             self._pending.remove(job)
             self._release_remote(job)
-            self.metrics.cancelled.increment(1)
+            self._end(job, token_outputs([], "abort"))
         for seq, job in list(self._running.items()):
-            if job.sink.is_cancelled():
+            if job.gone():
                 del self._running[seq]
                 self.engine.free(seq)
-                self.metrics.cancelled.increment(1)
+                self._end(job, token_outputs([], "abort"))
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        for job in [*self._pending, *self._transferring]:
+            if now - job.last_sent >= self.heartbeat_s:
+                job.last_sent = now
+                job.sink.send(token_outputs([], None), final=False)
+
+    def _end(
+        self, job: DecodeJob, outputs: dict[str, np.ndarray] | None = None, error: str | None = None
+    ) -> None:
+        """Sends the job's final response (or error) and forgets it."""
+        self._by_id.pop(job.seq.request_id, None)
+        if outputs is not None and "abort" in str(outputs["finish_reason"][0]):
+            self.metrics.cancelled.increment(1)
+        if error is not None:
+            job.sink.error(error)
+        else:
+            job.sink.send(outputs if outputs is not None else token_outputs([], None), final=True)
 
     def _admit(self) -> None:
         while self._pending:
@@ -154,10 +203,10 @@ class DecodeWorker:
             if exc is not None:
                 self.metrics.kv_transfer_failures.increment(1)
                 self.engine.free(job.seq)
-                job.sink.error(f"KV transfer failed: {exc}")
-            elif job.sink.is_cancelled():
+                self._end(job, error=f"KV transfer failed: {exc}")
+            elif job.gone():
                 self.engine.free(job.seq)
-                self.metrics.cancelled.increment(1)
+                self._end(job, token_outputs([], "abort"))
             else:
                 job.seq.status = Status.RUNNING
                 self._running[job.seq] = job
@@ -168,10 +217,12 @@ class DecodeWorker:
         self.metrics.batch_size.observe(len(seqs))
         for seq, token in zip(seqs, tokens, strict=True):
             job = self._running[seq]
-            job.sink.send(token_outputs([token], seq.finish_reason), final=seq.finished)
             if seq.finished:
                 del self._running[seq]
                 self.engine.free(seq)
+                self._end(job, token_outputs([token], seq.finish_reason))
+            else:
+                job.sink.send(token_outputs([token], None), final=False)
         self._update_gauges()
 
     # ---- endings ---------------------------------------------------------------------------
@@ -186,14 +237,14 @@ class DecodeWorker:
         for seq, job in list(self._running.items()):
             del self._running[seq]
             self.engine.free(seq)
-            job.sink.error(message)
+            self._end(job, error=message)
         self._update_gauges()
 
     def _shutdown(self) -> None:
         self._take_new()
         for job in self._pending:
             self._release_remote(job)
-            job.sink.error("decode instance is shutting down")
+            self._end(job, error="decode instance is shutting down")
         self._pending.clear()
         self._fail_running("decode instance is shutting down")
 

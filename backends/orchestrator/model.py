@@ -26,7 +26,7 @@ from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_input
 from backends.engine.errors import RequestError
 from backends.engine.tokenizer import load_tokenizer
 from backends.orchestrator.leases import LeaseReleaser
-from backends.orchestrator.pipeline import PhaseError, Pipeline
+from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import Router
 from backends.orchestrator.telemetry import latency_metrics
 
@@ -42,7 +42,7 @@ class BLSResponses:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for response in self._it:
-            if response.has_error():
+            if response.has_error():  # raised by Triton itself (e.g. the callee's stub died)
                 raise PhaseError(response.error().message())
             out = {}
             for name in self._names:
@@ -51,11 +51,6 @@ class BLSResponses:
                     out[name] = tensor.as_numpy()
             if out:
                 yield out
-
-    def cancel(self) -> None:
-        cancel = getattr(self._it, "cancel", None)
-        if cancel is not None:
-            cancel()
 
 
 class TritonPythonModel:
@@ -69,7 +64,11 @@ class TritonPythonModel:
         prefill = Router([m.strip() for m in params.get("prefill_models", "prefill").split(",") if m.strip()])
         decode = Router([m.strip() for m in params.get("decode_models", "decode").split(",") if m.strip()])
         self.leases = LeaseReleaser()
-        self.pipeline = Pipeline(self._call, prefill, decode, self.leases)
+        timeouts = Timeouts(
+            prefill_s=P.float_param(params, "prefill_timeout_seconds", Timeouts.prefill_s),
+            decode_stall_s=P.float_param(params, "decode_stall_timeout_seconds", Timeouts.decode_stall_s),
+        )
+        self.pipeline = Pipeline(self._call, prefill, decode, self.leases, timeouts)
         # Each in-flight request holds a thread while it waits on BLS responses (the BLS response
         # iterator blocks), so the pool size is the number of concurrent requests served.
         self.pool = ThreadPoolExecutor(
@@ -86,14 +85,15 @@ class TritonPythonModel:
 
     def _call(self, model: str, inputs: dict[str, np.ndarray]) -> BLSResponses:
         kind = "prefill" if model in self._prefill_models else "decode"
+        names = self._outputs[kind] if "cancel" not in inputs else ["finish_reason"]
         request = pb_utils.InferenceRequest(
             model_name=model,
             inputs=[pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in inputs.items()],
-            requested_output_names=self._outputs[kind],
+            requested_output_names=names,
         )
         with PB_LOCK:
             iterator = request.exec(decoupled=True)
-        return BLSResponses(iterator, self._outputs[kind])
+        return BLSResponses(iterator, names)
 
     def execute(self, requests: list[Any]) -> None:
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)

@@ -1,15 +1,20 @@
 """One client request through prefill then decode: the orchestrator's per-request job.
 
-Kept free of pb_utils: the model passes in `call`, which runs a BLS request against a model and
-returns an iterator of response dicts (raising PhaseError for an error response), with a
-`cancel()` on the iterator.
+Kept free of pb_utils: the model passes in `call`, which starts a BLS request against a model and
+returns an iterable of response dicts. What the 2.51 python backend cannot do for us is done here:
+errors arrive in-band (finish_reason "error"), a stop word or a client cancel is sent down to
+decode as an explicit cancel request, and a callee that stops answering (its process died) is
+detected by a stall timeout instead of hanging the client.
 """
 
 from __future__ import annotations
 
+import queue
 import secrets
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,18 +23,19 @@ from backends.engine.sampling import SamplingParams
 from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.router import Router
 
+Response = dict[str, np.ndarray]
+Call = Callable[[str, dict[str, np.ndarray]], Iterable[Response]]
+
 
 class PhaseError(RuntimeError):
-    """An error response from prefill or decode; its message is passed on to the client."""
+    """A failure of prefill or decode for this request; its message is passed on to the client."""
 
 
-class Responses(Protocol):
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
-
-    def cancel(self) -> None: ...
-
-
-Call = Callable[[str, dict[str, np.ndarray]], Responses]
+@dataclass(frozen=True)
+class Timeouts:
+    prefill_s: float = 120.0  # queueing for prefill can be long under load
+    decode_stall_s: float = 10.0  # decode sends a token or a heartbeat (1 s) while it holds a request
+    cancel_s: float = 5.0
 
 
 def sampling_tensors(params: SamplingParams, seed: int) -> dict[str, np.ndarray]:
@@ -45,17 +51,55 @@ def sampling_tensors(params: SamplingParams, seed: int) -> dict[str, np.ndarray]
     return out
 
 
-def _text(arr: np.ndarray) -> str:
+def _text(arr: Any) -> str:
     value = np.asarray(arr, dtype=object).reshape(-1)[0]
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def watched(responses: Iterable[Response], timeout_s: float, what: str) -> Iterator[Response]:
+    """Yields responses, raising PhaseError if none arrives for timeout_s or one is an in-band
+    error. A reader thread does the blocking iteration (the BLS iterator has no timeout); if the
+    callee died, that thread stays blocked, which is the price of not hanging the client."""
+    inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def pump() -> None:
+        try:
+            for r in responses:
+                inbox.put(("item", r))
+            inbox.put(("end", None))
+        except BaseException as exc:
+            inbox.put(("error", exc))
+
+    threading.Thread(target=pump, name=f"bls-{what}", daemon=True).start()
+    while True:
+        try:
+            kind, value = inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            raise PhaseError(f"{what} sent nothing for {timeout_s:g} s; the instance may be down") from None
+        if kind == "end":
+            return
+        if kind == "error":
+            raise PhaseError(f"{what} failed: {value}")
+        if "finish_reason" in value and _text(value["finish_reason"]) == "error":
+            message = _text(value["error_message"]) if "error_message" in value else "unknown error"
+            raise PhaseError(message)
+        yield value
 
 
 class Pipeline:
-    def __init__(self, call: Call, prefill: Router, decode: Router, leases: LeaseReleaser) -> None:
+    def __init__(
+        self,
+        call: Call,
+        prefill: Router,
+        decode: Router,
+        leases: LeaseReleaser,
+        timeouts: Timeouts | None = None,
+    ) -> None:
         self.call = call
         self.prefill = prefill
         self.decode = decode
         self.leases = leases
+        self.timeouts = timeouts or Timeouts()
 
     def run(self, ids: list[int], params: SamplingParams, stream: ClientStream) -> None:
         """Streams the request's tokens into `stream`; always ends it (final response or error)."""
@@ -71,7 +115,7 @@ class Pipeline:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         common = {"input_ids": np.asarray(ids, dtype=np.int32), **sampling_tensors(params, seed)}
         with self.prefill.route(len(ids)) as model:
-            first = self._single(self.call(model, common))
+            first = self._first(watched(self.call(model, common), self.timeouts.prefill_s, "prefill"))
         token = int(np.asarray(first["first_token"]).reshape(-1)[0])
         handle = bytes(np.asarray(first["kv_handle"], dtype=object).reshape(-1)[0])
         reason = _text(first["finish_reason"]) or None
@@ -79,30 +123,39 @@ class Pipeline:
             if handle:  # nobody will pull it
                 self.leases.release(handle)
             return
+        request_id = secrets.token_hex(16)
         inputs = {
             **common,
             "first_token": np.asarray([token], dtype=np.int32),
             "kv_handle": np.asarray([handle], dtype=object),
+            "request_id": np.asarray([request_id.encode()], dtype=object),
         }
         with self.decode.route(params.max_tokens - 1) as model:
-            responses = self.call(model, inputs)
-            for r in responses:
+            for r in watched(self.call(model, inputs), self.timeouts.decode_stall_s, "decode"):
                 if stream.is_cancelled():
-                    responses.cancel()
+                    self._cancel(model, request_id)
                     return
-                if "output_ids" not in r:
-                    continue  # an empty final response
-                tokens = [int(t) for t in np.asarray(r["output_ids"]).reshape(-1)]
-                reason = _text(r["finish_reason"]) or None
-                if stream.push(tokens, reason):
-                    if reason is None:  # a stop word: decode must stop too
-                        responses.cancel()
+                tokens = [int(t) for t in np.asarray(r.get("output_ids", [])).reshape(-1)]
+                reason = _text(r["finish_reason"]) if "finish_reason" in r else None
+                if not tokens and not reason:
+                    continue  # a heartbeat
+                if stream.push(tokens, reason or None):
+                    if not reason:  # a stop word: decode must stop too
+                        self._cancel(model, request_id)
                     return
         if not stream.done:
             stream.error("decode ended without a final token")
 
+    def _cancel(self, model: str, request_id: str) -> None:
+        inputs = {"request_id": np.asarray([request_id.encode()], dtype=object), "cancel": np.asarray([True])}
+        try:
+            for _ in watched(self.call(model, inputs), self.timeouts.cancel_s, "decode cancel"):
+                pass
+        except PhaseError:
+            pass  # best effort: the decode instance is gone or the sequence already ended
+
     @staticmethod
-    def _single(responses: Responses) -> dict[str, Any]:
+    def _first(responses: Iterable[Response]) -> Response:
         result = None
         for r in responses:
             if "first_token" in r:

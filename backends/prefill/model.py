@@ -73,7 +73,7 @@ class TritonPythonModel:
 
     def _accept(self, requests: list[Any]) -> None:
         for request in requests:
-            sink = TritonSink(request)
+            sink = TritonSink(request, inband_errors=True)
             try:
                 inputs = read_inputs(request, PREFILL_INPUTS)
                 seq = self.engine.new_sequence(

@@ -62,6 +62,7 @@ class PrefillWorker:
         self._waiting: deque[PrefillJob] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._update_gauges()
         self._thread = threading.Thread(target=self._loop, name="prefill-loop", daemon=True)
         self._thread.start()
 
