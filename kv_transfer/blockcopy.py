@@ -62,13 +62,18 @@ def _chunks(runs: list[Run], block_bytes: int) -> list[tuple[int, int, int]]:
 
 
 class PlaneCopier:
-    """Block copies on a background copy thread, hashed in the calling thread as pieces complete.
+    """Block copies with the checksum computed alongside, on a background copy thread.
 
-    xxhash holds the GIL while numpy's memcpy releases it, so one copy thread plus the hashing caller
-    overlap fully: the copy is bound by memory bandwidth, the hash reads each piece's source bytes
-    right after they were copied, while they are still in cache. ``workers=1`` copies inline.
-    Close it to stop the thread.
+    Each run of consecutive blocks is copied for every plane at once by one numpy call (one memcpy
+    per plane, the GIL released throughout). When a checksum is wanted and there are few runs, the
+    copy runs on a background thread while the calling thread hashes the same source bytes (xxhash
+    holds the GIL, numpy's copy does not, so the two overlap and the copy, bound by memory bandwidth,
+    sets the pace). With many short runs the copy thread would wait for the GIL between runs, so the
+    copier then works inline: copy a piece, hash it while it is in cache. ``workers=1`` always works
+    inline. Close it to stop the thread.
     """
+
+    MAX_OVERLAPPED_RUNS = 16
 
     def __init__(self, workers: int = 2) -> None:
         if workers < 1:
@@ -80,42 +85,42 @@ class PlaneCopier:
             self._pool.shutdown(wait=True)
 
     def copy(self, src: np.ndarray, dst: np.ndarray, runs: list[Run], checksum: bool) -> str | None:
-        """Copies blocks plane by plane from src to dst (both from planes_u8); returns the checksum if asked."""
+        """Copies blocks from src to dst (both from planes_u8); returns the checksum if asked.
+
+        The checksum is computed over the source bytes the copy reads, in packed order.
+        """
         if src.shape[0] != dst.shape[0] or src.shape[2] != dst.shape[2]:
             raise ValueError(f"plane shapes differ: {src.shape} vs {dst.shape}")
+
+        def copy_runs() -> None:
+            for s, d, c in runs:
+                np.copyto(dst[:, d : d + c], src[:, s : s + c])
+
+        if not checksum:
+            copy_runs()
+            return None
+        if self._pool is None or len(runs) > self.MAX_OVERLAPPED_RUNS:
+            return self._copy_inline(src, dst, runs)
+        future = self._pool.submit(copy_runs)
+        try:
+            digest = self.checksum(src, [b for s, _, c in runs for b in range(s, s + c)])
+        finally:
+            future.result()
+        return digest
+
+    def _copy_inline(self, src: np.ndarray, dst: np.ndarray, runs: list[Run]) -> str:
         pieces = _chunks(runs, src.shape[2])
         src_flat = src.reshape(src.shape[0], -1)
         dst_flat = dst.reshape(dst.shape[0], -1)
-        batches = _batches(src.shape[0], pieces)
-
-        def run(batch: tuple[int, list[tuple[int, int, int]]]) -> None:
-            sp, dp = src_flat[batch[0]], dst_flat[batch[0]]
-            for s, d, n in batch[1]:
+        digests = []
+        for p in range(src.shape[0]):
+            sp, dp = src_flat[p], dst_flat[p]
+            h = xxhash.xxh3_64()
+            for s, d, n in pieces:
                 np.copyto(dp[d : d + n], sp[s : s + n])
-
-        if not checksum:
-            for batch in batches:
-                run(batch)
-            return None
-        hashers = [xxhash.xxh3_64() for _ in range(src.shape[0])]
-        if self._pool is None:
-            for plane, batch_pieces in batches:
-                sp, dp, h = src_flat[plane], dst_flat[plane], hashers[plane]
-                for s, d, n in batch_pieces:
-                    np.copyto(dp[d : d + n], sp[s : s + n])
-                    h.update(sp[s : s + n])
-            return combine_digests([h.intdigest() for h in hashers])
-        futures = [self._pool.submit(run, batch) for batch in batches]
-        try:
-            for (plane, batch_pieces), future in zip(batches, futures, strict=True):
-                future.result()
-                sp, h = src_flat[plane], hashers[plane]
-                for s, _, n in batch_pieces:
-                    h.update(sp[s : s + n])
-        finally:
-            for f in futures:
-                f.cancel()
-        return combine_digests([h.intdigest() for h in hashers])
+                h.update(sp[s : s + n])
+            digests.append(h.intdigest())
+        return combine_digests(digests)
 
     def checksum(self, src: np.ndarray, block_ids: Sequence[int]) -> str:
         """The packed-bytes checksum of block_ids read in place (no copy)."""
@@ -129,22 +134,3 @@ class PlaneCopier:
                 h.update(sp[s : s + n])
             digests.append(h.intdigest())
         return combine_digests(digests)
-
-
-def _batches(
-    num_planes: int, pieces: list[tuple[int, int, int]]
-) -> list[tuple[int, list[tuple[int, int, int]]]]:
-    """Groups each plane's pieces into batches of about CHUNK_BYTES (one task per batch, in order)."""
-    out = []
-    for p in range(num_planes):
-        batch: list[tuple[int, int, int]] = []
-        size = 0
-        for piece in pieces:
-            batch.append(piece)
-            size += piece[2]
-            if size >= CHUNK_BYTES:
-                out.append((p, batch))
-                batch, size = [], 0
-        if batch:
-            out.append((p, batch))
-    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import threading
 from typing import Any
 
 import torch
@@ -151,16 +152,18 @@ class CudaIpcReceiver(KVReceiver):
         _require_cuda(pool, "receiver")
         super().__init__(pool, config)
         self._imported: dict[tuple[str, str], torch.Tensor] = {}
+        self._import_lock = threading.Lock()  # pulls may run on several threads
 
     def _source(self, handle: KVHandle, shard: ShardRef) -> torch.Tensor:
         key = (shard.address, shard.instance)
-        src = self._imported.get(key)
-        if src is None:
-            layout = shard_layout(handle)
-            export = self._request(shard, "export")
-            src = import_pool(export, layout.pool_shape(shard.pool_blocks), layout.torch_dtype)
-            self._imported[key] = src
-        return src
+        with self._import_lock:
+            src = self._imported.get(key)
+            if src is None:
+                layout = shard_layout(handle)
+                export = self._request(shard, "export")
+                src = import_pool(export, layout.pool_shape(shard.pool_blocks), layout.torch_dtype)
+                self._imported[key] = src
+            return src
 
     def _pull_shard(
         self,

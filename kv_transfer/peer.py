@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
@@ -38,9 +39,12 @@ def head_slice(total_heads: int, tp_size: int, tp_rank: int) -> slice:
     return slice(tp_rank * width, (tp_rank + 1) * width)
 
 
-def call(conn: Connection, **command: Any) -> dict[str, Any]:
-    """Sends one command to a peer and returns its reply (raises RuntimeError on a peer error)."""
+def call(conn: Connection, proc: BaseProcess | None = None, **command: Any) -> dict[str, Any]:
+    """Sends one command to a peer and returns its reply (RuntimeError on a peer error or exit)."""
     conn.send_bytes(json.dumps(command).encode())
+    while proc is not None and not conn.poll(0.5):
+        if not proc.is_alive():
+            raise RuntimeError(f"prefill peer exited with code {proc.exitcode}")
     reply: dict[str, Any] = json.loads(conn.recv_bytes())
     if "error" in reply:
         raise RuntimeError(f"prefill peer: {reply['error']}")
@@ -135,8 +139,9 @@ def prefill_peer_main(conn: Connection) -> None:
 class PrefillPeer:
     """The parent's side of a peer process: each start() makes a new sender there and returns its id."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, proc: BaseProcess | None = None) -> None:
         self.conn = conn
+        self.proc = proc
 
     def start(self, transport: str, layout: KVLayout, num_blocks: int, seed: int, **options: Any) -> int:
         """A new sender over a pool of num_blocks holding logical_kv(layout, num_blocks, seed).
@@ -145,6 +150,7 @@ class PrefillPeer:
         """
         reply = call(
             self.conn,
+            self.proc,
             cmd="start",
             transport=transport,
             layout=layout.to_dict(),
@@ -155,7 +161,7 @@ class PrefillPeer:
         return int(reply["sid"])
 
     def __call__(self, sid: int, cmd: str, **args: Any) -> dict[str, Any]:
-        return call(self.conn, sid=sid, cmd=cmd, **args)
+        return call(self.conn, self.proc, sid=sid, cmd=cmd, **args)
 
     def num_free(self, sid: int) -> int:
         return int(self(sid, "status")["num_free"])
@@ -172,7 +178,7 @@ def spawn_prefill_peer() -> Iterator[PrefillPeer]:
     proc = ctx.Process(target=prefill_peer_main, args=(child,), daemon=True)
     proc.start()
     try:
-        yield PrefillPeer(conn)
+        yield PrefillPeer(conn, proc)
     finally:
         try:
             conn.send_bytes(json.dumps({"cmd": "stop"}).encode())

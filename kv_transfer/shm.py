@@ -10,6 +10,7 @@ ended (cancel, expiry) while decode was reading, and the pull fails with it.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -53,18 +54,23 @@ class ShmReceiver(KVReceiver):
         require_cpu_pool(pool, self.transport)
         super().__init__(pool, config)
         self._attached: OrderedDict[tuple[str, int], ShmKVPool] = OrderedDict()
+        self._attach_lock = threading.Lock()  # pulls may run on several threads
 
-    def _source(self, shard: ShardRef, layout: KVLayout) -> ShmKVPool:
+    def _source(self, shard: ShardRef, layout: KVLayout) -> torch.Tensor:
+        """The prefill pool's tensor (the reference keeps the mapping alive even if evicted meanwhile)."""
         assert shard.segment is not None  # the handle validation guarantees it for shm
         key = (shard.segment, shard.pool_blocks)
-        src = self._attached.get(key)
-        if src is None:
-            src = ShmKVPool.attach(shard.segment, layout, shard.pool_blocks)
-            self._attached[key] = src
-            while len(self._attached) > _MAX_ATTACHED:
-                self._attached.popitem(last=False)[1].close()
-        self._attached.move_to_end(key)
-        return src
+        with self._attach_lock:
+            src = self._attached.get(key)
+            if src is None:
+                src = ShmKVPool.attach(shard.segment, layout, shard.pool_blocks)
+                self._attached[key] = src
+                # Mappings of segments not used lately are dropped (a pull still holding one keeps
+                # it mapped through its own reference until it finishes).
+                while len(self._attached) > _MAX_ATTACHED:
+                    self._attached.popitem(last=False)[1].close()
+            self._attached.move_to_end(key)
+            return src.tensor
 
     def _pull_shard(
         self,
@@ -85,13 +91,13 @@ class ShmReceiver(KVReceiver):
         nbytes = shard_layout.bytes_per_block * len(src_ids)
         if plan.full:
             actual = self._copier.copy(
-                planes_u8(src.tensor), planes_u8(self.pool.tensor), matched_runs(src_ids, dst_ids), want
+                planes_u8(src), planes_u8(self.pool.tensor), matched_runs(src_ids, dst_ids), want
             )
         else:
             # Another TP degree: stage the whole shard (its checksum covers every head), then place the slice.
             packed = torch.empty(shard_layout.pool_shape(len(src_ids)), dtype=shard_layout.torch_dtype)
             runs = matched_runs(src_ids, range(len(src_ids)))
-            actual = self._copier.copy(planes_u8(src.tensor), planes_u8(packed), runs, want)
+            actual = self._copier.copy(planes_u8(src), planes_u8(packed), runs, want)
         verified = self._verify(shard, actual)
         if not plan.full:
             place(self.pool.tensor, torch.as_tensor(dst_ids, dtype=torch.long), packed, plan)
@@ -100,6 +106,7 @@ class ShmReceiver(KVReceiver):
         return nbytes, verified
 
     def _close_transport(self) -> None:
-        for src in self._attached.values():
-            src.close()
-        self._attached.clear()
+        with self._attach_lock:
+            for src in self._attached.values():
+                src.close()
+            self._attached.clear()

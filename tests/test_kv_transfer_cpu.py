@@ -293,3 +293,29 @@ def test_decode_dies_before_ack_lease_expires(peer: PrefillPeer, transport: str)
     counters = peer.counters(sid)
     assert (counters["expired_leases"], counters["acked_leases"], counters["active_leases"]) == (1, 0, 0)
     peer(sid, "close")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_concurrent_pulls_on_one_receiver(peer: PrefillPeer, transport: str) -> None:
+    """A decode instance pulls several sequences at once from worker threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(transport)
+    sid = peer.start(transport, LAYOUT, 64, SEED)
+    seqs = [lease_blocks(peer, sid, 6, 64, rng) for _ in range(5)]
+    handles = [register(peer, sid, ids, LAYOUT.block_size) for ids in seqs]
+    dst_pool = KVPool.allocate(LAYOUT, 40)
+    dst = [list(range(8 * i, 8 * i + 6)) for i in range(5)]
+    receiver = create_receiver(transport, dst_pool)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(receiver.pull, handles, dst))
+    finally:
+        receiver.close()
+    logical = logical_kv(LAYOUT, 64, SEED)
+    for ids, d, result in zip(seqs, dst, results, strict=True):
+        assert result.verified
+        assert torch.equal(dst_pool.gather(d), logical[:, :, ids])
+    assert peer.num_free(sid) == 64
+    assert receiver.counters.snapshot().transfers == 5
+    peer(sid, "close")
