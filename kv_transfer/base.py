@@ -110,6 +110,8 @@ class KVSender(ABC):
         ids = [int(b) for b in block_ids]
         if not ids or len(set(ids)) != len(ids):
             raise ValueError("register needs a non-empty list of distinct block ids")
+        if not all(0 <= b < self.pool.num_blocks for b in ids):
+            raise ValueError(f"block ids must be in [0, {self.pool.num_blocks})")
         if self.block_manager.blocks_for(num_tokens) != len(ids):
             raise ValueError(
                 f"{num_tokens} tokens need {self.block_manager.blocks_for(num_tokens)} blocks, got {len(ids)}"

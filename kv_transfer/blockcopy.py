@@ -13,6 +13,7 @@ in plane order, as 16 hex digits. The two-level form lets the planes be hashed i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,7 +74,8 @@ class PlaneCopier:
     inline. Close it to stop the thread.
     """
 
-    MAX_OVERLAPPED_RUNS = 16
+    # Between runs the copy thread needs the GIL, which the hashing thread holds: keep runs few.
+    MAX_OVERLAPPED_RUNS = 4
 
     def __init__(self, workers: int = 2) -> None:
         if workers < 1:
@@ -101,7 +103,16 @@ class PlaneCopier:
             return None
         if self._pool is None or len(runs) > self.MAX_OVERLAPPED_RUNS:
             return self._copy_inline(src, dst, runs)
-        future = self._pool.submit(copy_runs)
+        started = threading.Event()
+
+        def copy_runs_started() -> None:
+            started.set()
+            copy_runs()
+
+        future = self._pool.submit(copy_runs_started)
+        # Waiting releases the GIL, so the copy thread starts its first memcpy at once instead of
+        # waiting for the hashing loop below to hand the GIL over (up to the 5 ms switch interval).
+        started.wait()
         try:
             digest = self.checksum(src, [b for s, _, c in runs for b in range(s, s + c)])
         finally:

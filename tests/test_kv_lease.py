@@ -103,3 +103,32 @@ def test_close_frees_everything() -> None:
     table.close()
     assert bm.num_free == 16
     assert counters.snapshot().active_leases == 0
+
+
+def test_sender_register_validates_and_close_releases_everything() -> None:
+    import socket
+
+    from backends.engine.kv_cache import KVLayout, KVPool
+    from kv_transfer import SenderConfig, create_sender
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, block_size=4, dtype="float32")
+    bm = BlockManager(8, 4)
+    sender = create_sender("tcp", KVPool.allocate(layout, 8), bm, SenderConfig(port=0))
+    host, port = sender.address.rsplit(":", 1)
+    ids = bm.allocate(3)
+    with pytest.raises(ValueError, match="need 3 blocks, got 2"):
+        sender.register(ids[:2], 12)
+    with pytest.raises(ValueError, match="distinct"):
+        sender.register([ids[0], ids[0]], 5)
+    with pytest.raises(ValueError, match=r"in \[0, 8\)"):
+        sender.register([1, 2, 99], 12)
+    with pytest.raises(ValueError, match="is free"):
+        sender.register([ids[0], 7], 5)
+    handle = sender.register(ids, 12)
+    assert handle.shards[0].address == sender.address and handle.shards[0].block_ids == ids
+    bm.free(ids)
+    assert bm.num_free == 5
+    sender.close()
+    assert bm.num_free == 8  # close() ended the lease
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2).close()
