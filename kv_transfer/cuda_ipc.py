@@ -46,34 +46,33 @@ class CudaIpcSender(KVSender):
     def __init__(self, pool: KVPool, block_manager: BlockManager, config: SenderConfig) -> None:
         _require_cuda(pool, "sender")
         super().__init__(pool, block_manager, config)
-        self._export: Header | None = None
 
     def _extra_handlers(self) -> dict[str, Handler]:
         return {"export": self._op_export}
 
     def _op_export(self, request: Header, conn: socket.socket) -> Header:
         self._check_instance(request)
-        if self._export is None:
-            t = self.pool.tensor
-            dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = (
-                t.untyped_storage()._share_cuda_()
-            )
-            self._export = {
-                "ok": True,
-                "device": int(dev),
-                "handle": _b64(handle),
-                "storage_size": int(size),
-                "storage_offset_bytes": int(offset),
-                "ref_counter_handle": _b64(rc_handle),
-                "ref_counter_offset": int(rc_offset),
-                # passed back exactly as torch returned it (bytes, or None)
-                "event_handle": None if ev_handle is None else _b64(ev_handle),
-                "event_sync_required": bool(ev_sync),
-                "tensor_offset": int(t.storage_offset()),
-                "shape": list(t.shape),
-                "dtype": self.pool.layout.dtype,
-            }
-        return self._export
+        t = self.pool.tensor
+        # A fresh share per request: each one gets its own slot in torch's producer-side reference
+        # counter, which the importing process releases when it drops the mapping.
+        dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = (
+            t.untyped_storage()._share_cuda_()
+        )
+        return {
+            "ok": True,
+            "device": int(dev),
+            "handle": _b64(handle),
+            "storage_size": int(size),
+            "storage_offset_bytes": int(offset),
+            "ref_counter_handle": _b64(rc_handle),
+            "ref_counter_offset": int(rc_offset),
+            # passed back exactly as torch returned it (bytes, or None)
+            "event_handle": None if ev_handle is None else _b64(ev_handle),
+            "event_sync_required": bool(ev_sync),
+            "tensor_offset": int(t.storage_offset()),
+            "shape": list(t.shape),
+            "dtype": self.pool.layout.dtype,
+        }
 
 
 def import_pool(export: Header, expected_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
