@@ -140,7 +140,12 @@ class NcclSender(KVSender):
         try:
             if self.pool.device.type == "cuda":
                 torch.cuda.set_device(self.pool.device)
-            packed = self.pool.gather(ids).contiguous()
+            if self.pool.device.type == "cpu":  # numpy run copies beat index_select on host memory
+                packed = torch.empty(self.pool.layout.pool_shape(len(ids)), dtype=self.pool.tensor.dtype)
+                runs = matched_runs(ids, range(len(ids)))
+                self._copier.copy(planes_u8(self.pool.tensor), planes_u8(packed), runs, False)
+            else:
+                packed = self.pool.gather(ids).contiguous()
             payload = packed.reshape(-1).view(torch.uint8)
             send_header(conn, {"ok": True, "nbytes": payload.numel()})
             pair.group.send([payload], 1, tag).wait()
