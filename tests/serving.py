@@ -119,3 +119,27 @@ def metric_values(text: str, name: str, **labels: str) -> list[float]:
         if all(found.get(k) == v for k, v in labels.items()):
             values.append(float(m.group(2)))
     return values
+
+
+def set_parameter(repo: Path, model: str, key: str, value: str) -> None:
+    """Sets one string parameter in a generated config.pbtxt."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    path = repo / model / "config.pbtxt"
+    cfg = text_format.Parse(path.read_text(), mc.ModelConfig())
+    cfg.parameters[key].string_value = value
+    path.write_text(text_format.MessageToString(cfg))
+
+
+def stub_pids(repo: Path, model: str) -> list[int]:
+    """Python-backend stub processes running `model` of this repository (the path is unique to a test)."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True, check=True).stdout
+    script = f"{repo.resolve()}/{model}/1/model.py"
+    return [
+        int(line.split(None, 1)[0])
+        for line in out.splitlines()[1:]
+        if "triton_python_backend_stub" in line and script in line
+    ]
