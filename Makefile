@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: setup model tritonserver test demo lint bench clean
+.PHONY: setup model tritonserver repository serve test demo lint bench clean
 
 setup: $(VENV)/.stamp
 
@@ -32,12 +32,22 @@ tritonserver: $(TRITON_DIR)/.stamp
 $(TRITON_DIR)/.stamp: $(VENV)/.stamp scripts/install_tritonserver.sh
 	PY=$(PY) scripts/install_tritonserver.sh $(TRITON_DIR)
 
+# The default deployment (prefill, decode, colocated, orchestrator on CPU) for MODEL_DIR.
+repository: setup
+	$(PY) -m planner.repository --out model_repository --model-dir $(MODEL_DIR)
+
 test: setup model tritonserver
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: setup model
+serve: model tritonserver repository
+	$(PY) -m backends.launcher --model-repository model_repository \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+demo: model tritonserver repository
 	$(PY) -m backends.engine generate --model $(MODEL_DIR) --max-tokens 48 --timings \
 		--prompt "The quick brown fox" --prompt "Once upon a time" --prompt "In the beginning"
+	$(PY) -m backends.demo --model-repository model_repository \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check .

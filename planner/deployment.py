@@ -169,9 +169,18 @@ def default_deployment(model_dir: str, device: str = "cpu") -> Deployment:
     transport = "cuda_ipc" if device == "cuda" else "shm"
     dtype = "float16" if device == "cuda" else "float32"
 
+    # On CPU the model processes share the cores: one torch thread each avoids oversubscription.
+    threads = 1 if device == "cpu" else None
+
     def engine(max_seqs: int) -> EngineParams:
         return EngineParams(
-            model_dir, device, dtype, num_blocks=1024, max_num_seqs=max_seqs, kv_transport=transport
+            model_dir,
+            device,
+            dtype,
+            num_blocks=1024,
+            max_num_seqs=max_seqs,
+            num_threads=threads,
+            kv_transport=transport,
         )
 
     return Deployment(
