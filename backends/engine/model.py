@@ -114,7 +114,8 @@ class Attention(nn.Module):
     def _decode_attention(self, q: torch.Tensor, cache: torch.Tensor, step: StepInput) -> torch.Tensor:
         assert step.block_tables is not None and step.key_mask is not None
         b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
-        kv = cache[:, step.block_tables]  # [2, B, max_blocks, block_size, kvH, D]
+        # index_select copies whole blocks (rows); advanced indexing on dim 1 is ~30% slower here.
+        kv = cache.index_select(1, step.block_tables.view(-1))  # [2, B * max_blocks, block_size, kvH, D]
         kv = kv.view(2, b, -1, kvh, d).transpose(2, 3).to(q.dtype)  # [2, B, kvH, L, D]
         # Grouped-query attention without copying K/V per query head: the G query heads sharing a
         # KV head become that head's "query positions" (the mask is per key, so no causality
