@@ -1,0 +1,118 @@
+"""The OpenAI-compatible frontend with the official `openai` package, on a real tritonserver."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from serving import write_repository
+from tritonserver_fixture import start_tritonserver
+
+from client import SamplingParams, make_client
+from client.openai_server import FrontendConfig, FrontendThread
+
+pytestmark = pytest.mark.e2e
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(Triton gRPC url, frontend url)."""
+    work = tmp_path_factory.mktemp("openai")
+    server = start_tritonserver(write_repository(work / "repo", tiny_model_dir), work)
+    try:
+        config = FrontendConfig(triton_url=server.grpc_url, port=0, tokenizer_dir=str(tiny_model_dir))
+        with FrontendThread(config) as frontend:
+            yield server.grpc_url, frontend.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def oai(stack: tuple[str, str]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack[1] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models(oai: openai.OpenAI) -> None:
+    assert [m.id for m in oai.models.list()] == ["orchestrator", "colocated"]
+
+
+@pytest.mark.parametrize("model", ["orchestrator", "colocated"])
+def test_completions_match_the_client(stack: tuple[str, str], oai: openai.OpenAI, model: str) -> None:
+    with make_client(stack[0]) as c:
+        ref = c.generate(PROMPT, SamplingParams(max_tokens=12), model=model)
+    whole = oai.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert whole.choices[0].text == ref.text and whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
+    chunks = list(oai.completions.create(model=model, prompt=PROMPT, max_tokens=12, stream=True))
+    assert len(chunks) == 12 and "".join(ch.choices[0].text for ch in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    by_ids = oai.completions.create(model=model, prompt=[5, 6, 7, 8], max_tokens=4)
+    assert by_ids.usage is not None and by_ids.usage.prompt_tokens == 4
+
+
+def test_chat_streaming_and_not(oai: openai.OpenAI) -> None:
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me about harbors"},
+    ]
+    whole = oai.chat.completions.create(model="orchestrator", messages=messages, max_tokens=10)  # type: ignore[arg-type]
+    msg = whole.choices[0].message
+    assert msg.role == "assistant" and msg.content and whole.choices[0].finish_reason == "length"
+    chunks = list(
+        oai.chat.completions.create(
+            model="orchestrator",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == msg.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    assert whole.usage is not None and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stop_words_end_with_stop(stack: tuple[str, str], oai: openai.OpenAI) -> None:
+    full = oai.completions.create(model="orchestrator", prompt=PROMPT, max_tokens=20).choices[0].text
+    word = full[len(full) // 2 :].strip()[:3]
+    assert word
+    got = oai.completions.create(model="orchestrator", prompt=PROMPT, max_tokens=20, stop=[word])
+    assert got.choices[0].finish_reason == "stop" and word not in got.choices[0].text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_requests_get_openai_errors(oai: openai.OpenAI, stream: bool) -> None:
+    with pytest.raises(openai.NotFoundError) as nf:
+        oai.completions.create(model="gpt-4", prompt="x", stream=stream)
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="context is 2048"):
+        oai.completions.create(model="orchestrator", prompt=[5] * 2100, max_tokens=2, stream=stream)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be a positive integer"):
+        oai.completions.create(model="orchestrator", prompt="x", max_tokens=0, stream=stream)
+    with pytest.raises(openai.BadRequestError, match="n=1") as n2:
+        oai.completions.create(model="orchestrator", prompt="x", n=2, stream=stream)
+    assert n2.value.param == "n"
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        oai.chat.completions.create(model="orchestrator", messages=[], stream=stream)
+
+
+def test_raw_http_errors(stack: tuple[str, str]) -> None:
+    def post(path: str, data: bytes) -> tuple[int, dict[str, object]]:
+        req = urllib.request.Request(stack[1] + path, data=data, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = post("/v1/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in str(body["error"])
+    status, body = post("/v1/nothing", b"{}")
+    assert status == 404 and "error" in body
