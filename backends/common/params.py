@@ -56,6 +56,12 @@ def _float(params: Mapping[str, str], key: str, default: float) -> float:
 
 
 def engine_config(params: Mapping[str, str], repository_root: str | Path) -> EngineConfig:
+    for key in ("tp_size", "pp_size"):
+        if (_int(params, key, 1) or 1) != 1:
+            raise ValueError(
+                f"parameter {key} = {params[key]}: the built-in engine runs one device per replica; "
+                "tensor/pipeline-parallel replicas need an engine that supports them (e.g. TensorRT-LLM)"
+            )
     device = params.get("device", "cpu") or "cpu"
     ids = params.get("device_ids", "")
     if device == "cuda" and ids:

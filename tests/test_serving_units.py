@@ -1,0 +1,162 @@
+"""Unit tests of the serving logic that runs inside the Triton models (no server needed)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backends.common.client_stream import ClientStream
+from backends.common.params import engine_config
+from backends.common.requests import parse_client_request
+from backends.common.sink import Outputs
+from backends.common.text_stream import TextStream
+from backends.engine.errors import RequestError
+from backends.engine.tokenizer import load_tokenizer
+from backends.orchestrator.pipeline import PhaseError, watched
+from backends.orchestrator.router import Router
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.responses: list[tuple[Outputs, bool]] = []
+        self.errors: list[str] = []
+
+    def send(self, outputs: Outputs, final: bool) -> None:
+        self.responses.append((outputs, final))
+
+    def error(self, message: str) -> None:
+        self.errors.append(message)
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+def _request(**arrays: object) -> dict[str, np.ndarray]:
+    base: dict[str, object] = {
+        "text_input": np.array([b"hello"], dtype=object),
+        "max_tokens": np.array([4], dtype=np.int32),
+    }
+    base.update(arrays)
+    return {k: np.asarray(v) for k, v in base.items() if v is not None}
+
+
+def test_client_request_parsing_and_defaults() -> None:
+    req = parse_client_request(_request())
+    assert req.text == "hello" and req.params.max_tokens == 4 and req.params.greedy and not req.stream
+    req = parse_client_request(
+        _request(
+            stream=np.array([True]),
+            temperature=np.array([0.7], np.float32),
+            random_seed=np.array([9], np.uint64),
+            end_id=np.array([5], np.int32),
+            stop_words=np.array([b"\n\n", b"END"], dtype=object),
+        )
+    )
+    assert req.stream and req.params.temperature == pytest.approx(0.7) and req.params.seed == 9
+    assert req.params.stop_token_ids == (5,) and req.params.ignore_eos, "end_id replaces the model's EOS"
+    assert req.stop_words == ("\n\n", "END")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"text_input": None}, "give exactly one of 'text_input' or 'input_ids'"),
+        ({"input_ids": np.array([1, 2], np.int32)}, "give exactly one of"),
+        ({"max_tokens": None}, "missing required input 'max_tokens'"),
+        ({"max_tokens": np.array([2.5], np.float32)}, "'max_tokens' must be an integer"),
+        ({"text_input": np.array([b"a", b"b"], dtype=object)}, "exactly one string"),
+        ({"stop_words": np.array([b""], dtype=object)}, "each stop word must have 1 to"),
+        ({"end_id": np.array([-1], np.int32)}, "end_id must be a token id >= 0"),
+    ],
+)
+def test_client_request_errors(arrays: dict[str, object], message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        parse_client_request(_request(**arrays))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> object:
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_stop_word_is_never_sent_even_split_across_tokens(tokenizer: object) -> None:
+    text = "The harbor town woke before the sun. Fishermen carried nets"
+    ids = tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+    stream = TextStream(tokenizer, stop_words=("before the",))
+    sent = ""
+    for t in ids:
+        piece = stream.push([t])
+        sent += piece.text
+        assert "before" not in sent
+        if piece.stopped:
+            break
+    assert piece.stopped and sent == "The harbor town woke "
+
+
+def test_client_stream_streaming_and_whole(tokenizer: object) -> None:
+    ids = tokenizer("Numbers tell stories too", add_special_tokens=False).input_ids  # type: ignore[operator]
+    streaming, whole = RecordingSink(), RecordingSink()
+    for sink, mode in ((streaming, True), (whole, False)):
+        cs = ClientStream(sink, tokenizer, stream=mode)
+        for i, t in enumerate(ids):
+            ended = cs.push([t], "length" if i == len(ids) - 1 else None)
+        assert ended
+    assert len(streaming.responses) == len(ids) and [f for _, f in streaming.responses] == [False] * (
+        len(ids) - 1
+    ) + [True]
+    text = "".join(o["text_output"][0].decode() for o, _ in streaming.responses)
+    [(out, final)] = whole.responses
+    assert final and out["text_output"][0].decode() == text == "Numbers tell stories too"
+    assert out["output_ids"].tolist() == ids and out["finish_reason"][0] == b"length"
+
+
+def test_router_picks_least_outstanding_tokens() -> None:
+    router = Router(["a", "b"])
+    with router.route(100) as first, router.route(10) as second, router.route(5) as third:
+        assert (first, second, third) == ("a", "b", "b")
+        assert router.outstanding("a") == 100 and router.outstanding("b") == 15
+    assert router.outstanding("a") == router.outstanding("b") == 0
+    with pytest.raises(ValueError, match="at least one model"):
+        Router([])
+
+
+def test_watched_passes_items_raises_inband_errors_and_stalls() -> None:
+    ok = [{"output_ids": np.array([1])}, {"output_ids": np.array([2])}]
+    assert [int(r["output_ids"][0]) for r in watched(ok, 1.0, "decode")] == [1, 2]
+    bad = [
+        {
+            "finish_reason": np.array([b"error"], dtype=object),
+            "error_message": np.array([b"KV transfer failed"], dtype=object),
+        }
+    ]
+    with pytest.raises(PhaseError, match="KV transfer failed"):
+        list(watched(bad, 1.0, "decode"))
+
+    release = threading.Event()
+
+    def stalls() -> Iterator[dict[str, np.ndarray]]:
+        yield {"output_ids": np.array([1])}
+        release.wait(10)  # a callee that stopped answering
+
+    started = time.monotonic()
+    with pytest.raises(PhaseError, match=r"decode sent nothing for 0\.3 s"):
+        list(watched(stalls(), 0.3, "decode"))
+    assert time.monotonic() - started < 3
+    release.set()
+
+
+def test_engine_config_from_parameters(tiny_model_dir: Path) -> None:
+    root = tiny_model_dir.parent
+    cfg = engine_config({"model_dir": tiny_model_dir.name, "num_blocks": "64", "num_threads": "1"}, root)
+    assert cfg.num_blocks == 64 and cfg.num_threads == 1 and Path(cfg.model_dir) == tiny_model_dir.resolve()
+    with pytest.raises(ValueError, match="parameter 'num_blocks' must be an integer"):
+        engine_config({"model_dir": tiny_model_dir.name, "num_blocks": "many"}, root)
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        engine_config({"model_dir": "nowhere"}, root)
+    with pytest.raises(ValueError, match="tp_size = 2: the built-in engine runs one device per replica"):
+        engine_config({"model_dir": tiny_model_dir.name, "tp_size": "2"}, root)
