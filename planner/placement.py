@@ -10,6 +10,7 @@ Every final plan is checked with a joint simulation of the whole deployment (bot
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -79,11 +80,38 @@ def joint_config(problem: Problem, replicas: list[Replica]) -> SimConfig:
     )
 
 
-def colocated_choice(
-    problem: Problem, results: dict[PhaseTask, Goodput], tasks: list[PhaseTask]
-) -> PhaseChoice | None:
-    best = _best(results, tasks)
-    return None if best is None else PhaseChoice(best.tp, best.pp, results[best].rate)
+def colocated_search(problem: Problem, phase: dict[PhaseTask, Goodput], log: Log) -> PhaseChoice | None:
+    """Best colocated (tp, pp) by per-GPU goodput. A colocated instance cannot beat the prefill-only
+    or the decode-only instance of the same shape on the same engine (interference only adds
+    delay), so min(prefill, decode goodput) bounds it: configs are tried best bound first, in waves
+    of one per worker, and the ones whose bound cannot beat the best found are skipped."""
+    tasks = phase_tasks(problem, "colocated", problem.cluster.num_gpus)
+
+    def bound(t: PhaseTask) -> float:
+        if problem.colocated_profile is not None:
+            return math.inf  # timed by another engine's profile: no bound from ours
+        rates = [g.rate for k, g in phase.items() if (k.tp, k.pp) == (t.tp, t.pp)]
+        kinds = {k.kind for k in phase if (k.tp, k.pp) == (t.tp, t.pp)}
+        return min(rates) if kinds == {"prefill", "decode"} else math.inf
+
+    todo = sorted(tasks, key=lambda t: (-bound(t) / t.gpus, t.gpus))
+    best: tuple[float, PhaseTask] | None = None
+    wave = max(1, problem.workers or os.cpu_count() or 1)
+    done = 0
+    while todo:
+        batch, todo = todo[:wave], todo[wave:]
+        res = evaluate(problem, batch, "colocated")
+        done += len(batch)
+        for t, g in res.items():
+            if g.rate > 0 and (best is None or (g.rate / t.gpus, -t.gpus) > (best[0], -best[1].gpus)):
+                best = (g.rate / t.gpus, t)
+        if best is not None:
+            todo = [t for t in todo if bound(t) / t.gpus > best[0]]
+    log(f"colocated baseline: {done} of {len(tasks)} configs simulated")
+    if best is None:
+        return None
+    t = best[1]
+    return PhaseChoice(t.tp, t.pp, best[0] * t.gpus)
 
 
 def _finish(
@@ -133,14 +161,11 @@ def alg1(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Pla
     same = c.nodes == 1  # with several nodes a decode instance may pull from another node
     tp_ = phase_tasks(problem, "prefill", c.num_gpus)
     td_ = phase_tasks(problem, "decode", c.num_gpus, same)
-    tc_ = phase_tasks(problem, "colocated", c.num_gpus)
     if not tp_ or not td_:
         raise PlannerError(_no_fit_message(problem, "prefill" if not tp_ else "decode"))
     t0 = time.perf_counter()
-    res = evaluate(problem, [*tp_, *td_, *tc_], "alg1 configs")
-    log(
-        f"evaluated {len(tp_) + len(td_) + len(tc_)} single-instance configs in {time.perf_counter() - t0:.1f}s"
-    )
+    res = evaluate(problem, [*tp_, *td_], "alg1 configs")
+    log(f"evaluated {len(tp_) + len(td_)} single-instance configs in {time.perf_counter() - t0:.1f}s")
     bp, bd, n_p, n_d = _choose_pair(problem, res, tp_, td_, rate)
     gp, gd = res[bp].rate, res[bd].rate
     replicas = _pack_or_fail(problem, bp, bd, n_p, n_d, rate)
@@ -160,7 +185,7 @@ def alg1(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Pla
     pre, dec = PhaseChoice(bp.tp, bp.pp, gp), PhaseChoice(bd.tp, bd.pp, gd)
     details = {"configs_evaluated": len(res), "kv_link": "nvlink" if same else "network"}
     return _finish(problem, "alg1-high-affinity", replicas, pre, dec, min(n_p * gp, n_d * gd), rate,
-                   colocated_choice(problem, res, tc_), details, log)  # fmt: skip
+                   colocated_search(problem, res, log), details, log)  # fmt: skip
 
 
 def _choose_pair(
@@ -280,12 +305,11 @@ def alg2(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Pla
     segs = alg2_segments(problem)
     if not segs:
         raise PlannerError(_no_fit_message(problem, "node-local prefill/decode"))
-    tc_ = phase_tasks(problem, "colocated", c.num_gpus)
     tasks = {t for _, a, b in segs for t in (a, b)}
     t0 = time.perf_counter()
-    res = evaluate(problem, [*tasks, *tc_], "alg2 configs")
+    res = evaluate(problem, list(tasks), "alg2 configs")
     log(
-        f"evaluated {len(tasks) + len(tc_)} single-instance configs for {len(segs)} unit shapes in {time.perf_counter() - t0:.1f}s"
+        f"evaluated {len(tasks)} single-instance configs for {len(segs)} unit shapes in {time.perf_counter() - t0:.1f}s"
     )
 
     def unit_rate(s: tuple[Segment, PhaseTask, PhaseTask]) -> float:
@@ -322,7 +346,7 @@ def alg2(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Pla
     details = {"configs_evaluated": len(res), "unit_shapes": len(segs), "units": units, "segment": seg._asdict(),
                "kv_link": "nvlink"}  # fmt: skip
     return _finish(problem, "alg2-low-affinity", replicas, pre, dec, units * g_unit, rate,
-                   colocated_choice(problem, res, tc_), details, log)  # fmt: skip
+                   colocated_search(problem, res, log), details, log)  # fmt: skip
 
 
 def _pack_units_or_fail(problem: Problem, seg: Segment, units: int, rate: float | None) -> list[Replica]:

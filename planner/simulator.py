@@ -16,6 +16,7 @@ TPOT of a request = (last token time - first token time) / (output tokens - 1)."
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -56,6 +57,7 @@ class SimConfig:
     routing: str = "least_loaded"
     mode: str = "joint"
     decode_only_same_node: bool = True
+    max_steps_per_event: int = 1 << 30  # 1: one event per decode step (the reference behaviour)
 
     def __post_init__(self) -> None:
         if self.mode not in ("joint", "prefill_only", "decode_only"):
@@ -71,12 +73,20 @@ class SimConfig:
             raise PlannerError("the simulation needs at least one decode instance")
         if self.token_budget < 1:
             raise PlannerError("the prefill token budget must be >= 1")
+        if self.max_steps_per_event < 1:
+            raise PlannerError("max_steps_per_event must be >= 1")
 
 
 class _Lane:
-    """One continuous batch (a pipeline micro-batch of a decode or colocated instance)."""
+    """One continuous batch (a pipeline micro-batch of a decode or colocated instance).
 
-    __slots__ = ("count", "fin", "pending", "running", "step", "sum_ctx")
+    Steps run in segments: while nothing joins or leaves, the batch is constant and each step is
+    longer than the previous by b*B (every context grew by one), so the end of step j of a segment
+    is t0 + j*d0 + inc*j*(j-1)/2 and one event covers up to the next finish. Anything that would
+    act at the next step boundary (a join; in colocated instances, a prefill that could start)
+    cuts the segment there, so the result equals stepping one token at a time."""
+
+    __slots__ = ("count", "d0", "fin", "inc", "k", "pending", "running", "step", "sum_ctx", "t0", "version")
 
     def __init__(self) -> None:
         self.count = 0
@@ -85,6 +95,31 @@ class _Lane:
         self.fin: list[tuple[int, int]] = []  # heap of (step at which it finishes, request)
         self.pending: list[int] = []  # joined during a step; enter at the next one
         self.running = False
+        self.t0 = 0.0  # segment start
+        self.d0 = 0.0  # first step of the segment
+        self.inc = 0.0  # growth of the step time per step
+        self.k = 0  # steps in the segment (0: not in a decode segment)
+        self.version = 0  # bumps when the segment's end event is replaced
+
+    def end(self, j: int) -> float:
+        return self.t0 + j * self.d0 + self.inc * j * (j - 1) * 0.5
+
+    def done_by(self, t: float) -> int:
+        """Steps of the current segment completed by time t."""
+        if self.k <= 1:
+            return 0
+        x = t - self.t0
+        if self.inc > 0:
+            h = self.d0 - 0.5 * self.inc
+            j = int((-h + math.sqrt(h * h + 2.0 * self.inc * x)) / self.inc) if x > 0 else 0
+        else:
+            j = int(x / self.d0) if self.d0 > 0 else 0
+        j = min(max(j, 0), self.k)
+        while j < self.k and self.end(j + 1) <= t:
+            j += 1
+        while j > 0 and self.end(j) > t:
+            j -= 1
+        return j
 
 
 class _Inst:
@@ -138,6 +173,7 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
     done = [0] * n
     src = [-1] * n
     budget = cfg.token_budget
+    max_steps = cfg.max_steps_per_event
     kvb = cfg.kv_bytes_per_token
     cluster = cfg.cluster
     prefill_only = cfg.mode == "prefill_only"
@@ -183,14 +219,18 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
         push(free[0], STAGE0_FREE, p, None)
         push(s, PREFILL_DONE, p, batch)
 
-    def pick(insts: list[_Inst], which: int) -> _Inst:
+    def pick(insts: list[_Inst], which: int, t: float) -> _Inst:
+        if len(insts) == 1:
+            return insts[0]
         if rr:
             k = rr_next[which] % len(insts)
             rr_next[which] += 1
             return insts[k]
         # The orchestrator's router: fewest outstanding tokens (prompt tokens not yet prefilled for
         # prefill, tokens still to generate for decode); ties go to the first instance.
-        return min(insts, key=lambda x: x.queued)
+        if which == 0:
+            return min(insts, key=lambda x: x.queued)
+        return min(insts, key=lambda x: x.queued - sum(ln.count * ln.done_by(t) for ln in x.lanes))
 
     def try_admit(d: _Inst, t: float) -> None:
         cap, mb = d.spec.capacity_tokens, d.spec.max_batch
@@ -219,13 +259,33 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
         lane.running = True
         a0, b0, c0, a1, b1, c1, thr, hops = d.coef
         tt = lane.sum_ctx + b
-        dt = a0 + b0 * tt + c0 * b if b <= thr else a1 + b1 * tt + c1 * b
-        push(t + (dt if dt > 0.0 else 0.0) + hops, STEP_DONE, d, lane)
+        if b <= thr:
+            dt, inc = a0 + b0 * tt + c0 * b, b0 * b
+        else:
+            dt, inc = a1 + b1 * tt + c1 * b, b1 * b
+        k = lane.fin[0][0] - lane.step
+        if dt <= 0.0 or inc < 0.0 or k < 1:
+            k = 1  # clamped or shrinking step times: step by step
+        lane.t0, lane.d0, lane.inc = t, (dt if dt > 0.0 else 0.0) + hops, inc
+        lane.k = min(k, max_steps)
+        lane.version += 1
+        push(lane.end(lane.k), STEP_DONE, d, (lane, lane.version))
+
+    def cut(d: _Inst, lane: _Lane, t: float) -> None:
+        """End the lane's segment at the first step boundary after t."""
+        if lane.running and lane.k > 1:
+            nk = lane.done_by(t) + 1
+            if nk < lane.k:
+                lane.k = nk
+                lane.version += 1
+                push(lane.end(nk), STEP_DONE, d, (lane, lane.version))
 
     def step_done(d: _Inst, lane: _Lane, t: float) -> bool:
-        lane.step += 1
-        lane.sum_ctx += lane.count
-        d.queued -= lane.count  # one token generated per running sequence
+        k = lane.k
+        lane.k = 0
+        lane.step += k
+        lane.sum_ctx += lane.count * k
+        d.queued -= lane.count * k  # one token per running sequence per step
         fin = lane.fin
         freed = False
         while fin and fin[0][0] <= lane.step:
@@ -260,6 +320,7 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
             c.queued -= tokens
             lat = c.spec.latency
             lane.running = True
+            lane.k = 0
             push(
                 t + lat.prefill_full(tokens, sq) + lat.pp * lat.hop_ms / 1000.0,
                 CO_PREFILL_DONE,
@@ -284,9 +345,11 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
             assert isinstance(i, int)
             if col:
                 # outstanding tokens of a colocated instance: prompts to prefill + tokens to generate
-                c = pick(col, 1)
+                c = pick(col, 1, t)
                 c.waiting.append(i)
                 c.queued += plen[i] + olen[i] - 1
+                for lane in c.lanes:
+                    cut(c, lane, t)  # a running lane may take this prefill at its next step
                 co_kick(c, t)
             elif decode_only:
                 ttft[i] = 0.0
@@ -294,13 +357,13 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
                 if olen[i] == 1:
                     complete(i, t)
                     continue
-                d = pick(dec, 1)
+                d = pick(dec, 1, t)
                 src[i] = d.spec.node if cfg.decode_only_same_node else -1
                 d.waiting.append(i)
                 d.queued += olen[i] - 1
                 try_admit(d, t)
             else:
-                p = pick(pre, 0)
+                p = pick(pre, 0, t)
                 p.queue.append(i)
                 p.queued += plen[i]
                 if not p.busy:
@@ -321,7 +384,7 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
                     complete(i, t)
                     continue
                 cands = dec if rr else by_group.get(inst.spec.group, dec)
-                d = pick(cands, 1)
+                d = pick(cands, 1, t)
                 src[i] = inst.spec.node
                 d.waiting.append(i)
                 d.queued += olen[i] - 1
@@ -335,18 +398,25 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
             lane.pending.append(arg)
             if not lane.running:
                 start_step(inst, lane, t)
+            else:
+                cut(inst, lane, t)
         elif kind == STEP_DONE:
-            assert inst is not None and isinstance(arg, _Lane)
-            freed = step_done(inst, arg, t)
+            assert inst is not None and isinstance(arg, tuple)
+            lane, version = arg
+            if version != lane.version:
+                continue  # the segment was cut; a newer event ends it
+            freed = step_done(inst, lane, t)
             if col:
-                co_iterate(inst, arg, t)
-                if freed:
+                co_iterate(inst, lane, t)
+                if freed and inst.waiting:
+                    for other in inst.lanes:
+                        cut(inst, other, t)  # memory freed: the waiting prefill may fit now
                     co_kick(inst, t)
                 continue
             if freed:
                 try_admit(inst, t)
-            if arg.count or arg.pending:
-                start_step(inst, arg, t)
+            if lane.count or lane.pending:
+                start_step(inst, lane, t)
         else:  # CO_PREFILL_DONE
             assert inst is not None and isinstance(arg, tuple)
             lane, batch = arg

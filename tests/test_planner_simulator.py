@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -152,3 +153,26 @@ def test_kv_transfer_over_network_is_slower_than_nvlink() -> None:
     t_far = simulate(far, arr, p, o).tpot.mean()
     xfer = 1500 * 800_000 * (1 / 25e9 - 1 / 300e9) / 3  # the extra pull time spread over 3 TPOT steps
     assert t_far - t_near == pytest.approx(xfer, rel=0.05)
+
+
+@pytest.mark.parametrize("rate", [5.0, 40.0])
+def test_step_segments_equal_token_by_token_stepping(rate: float) -> None:
+    """Decode steps are simulated in segments; the result must equal one event per step."""
+    cfgs = [
+        SimConfig(
+            prefill=(Instance(lat()), Instance(lat(2, 1.0))),
+            decode=tuple(Instance(lat(pp, 1.0), 8000, 16) for pp in (1, 2, 4)),
+            token_budget=700,
+        ),
+        SimConfig(colocated=(Instance(lat(2, 1.0), 6000, 32), Instance(lat(), 9000, 8)), token_budget=512),
+        SimConfig(colocated=(Instance(lat(4, 1.0), 60000, 256),), token_budget=512),
+    ]
+    n = 3000
+    p, o = _mixed(n, seed=9)
+    arr = poisson(n, rate)
+    for cfg in cfgs:
+        ref = simulate(dataclasses.replace(cfg, max_steps_per_event=1), arr, p, o)
+        fast = simulate(cfg, arr, p, o)
+        assert np.allclose(ref.ttft, fast.ttft, rtol=1e-9, atol=1e-9)
+        assert np.allclose(ref.tpot, fast.tpot, rtol=1e-9, atol=1e-9)
+        assert np.allclose(ref.finish, fast.finish, rtol=1e-9, atol=1e-9)
