@@ -154,3 +154,24 @@ def test_cli(server: TritonServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == expected + "\n"
     assert cli_main([*args, "--url", server.grpc_url, "--max-tokens", "0"]) == 1
     assert "max_tokens must be a positive integer" in capsys.readouterr().err
+
+
+def test_bench_run_measures_ttft_like_the_server(server: TritonServer) -> None:
+    from client.bench.requests import BenchRequest, arrival_times
+    from client.bench.runner import run_rate, server_ttft
+    from client.bench.stats import summarize
+
+    reqs = [BenchRequest([3 + (i * 7) % 900 for i in range(n)], 20) for n in (40, 300, 700, 120, 500, 60)]
+    before = server_ttft(server.metrics_url, "orchestrator")
+    res = run_rate(
+        server.grpc_url, "grpc", "orchestrator", reqs, arrival_times(len(reqs), 4.0, 1.0, 0).tolist()
+    )
+    after = server_ttft(server.metrics_url, "orchestrator")
+    assert all(r.error is None and r.output_len == 20 for r in res.records), "exact output lengths"
+    s = summarize(res.records, 4.0, res.duration_s, ttft_slo=60.0, tpot_slo=60.0)
+    assert s["attainment"] == 1.0 and s["throughput_rps"] > 0
+    assert after[1] - before[1] == len(reqs)
+    server_mean = (after[0] - before[0]) / len(reqs)
+    # The client measures from send, the server from arrival in the model: the client's is larger
+    # by the network and queueing in front of the model, a few ms on loopback.
+    assert server_mean <= s["ttft"]["mean"] <= server_mean * 1.25 + 0.02
