@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
+        "--copy-workers", type=int, default=2, help="ReceiverConfig.copy_workers (1: no copy thread)"
+    )
+    ap.add_argument(
         "--device", default=None, help="pool device (default: cuda for cuda_ipc and nccl, else cpu)"
     )
     args = ap.parse_args(argv)
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     with spawn_prefill_peer() as peer:
         sid = peer.start(args.transport, layout, pool_blocks, seed=1, device=prefill_device)
         pool = KVPool.allocate(layout, pool_blocks, device)
-        receiver = create_receiver(args.transport, pool, ReceiverConfig())
+        receiver = create_receiver(args.transport, pool, ReceiverConfig(copy_workers=args.copy_workers))
         seconds, reg_seconds = [], []
         try:
             for i in range(args.repeats + 1):  # the first pull warms up connections, groups and mappings
