@@ -48,12 +48,12 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> None:
+        arrived = time.perf_counter()  # before the lock: waiting for it is part of TTFT
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
-            self._accept(requests)
+            self._accept(requests, arrived)
 
-    def _accept(self, requests: list[Any]) -> None:
+    def _accept(self, requests: list[Any], arrived: float) -> None:
         for request in requests:
-            arrived = time.perf_counter()
             sink = TritonSink(request)
             try:
                 req = parse_client_request(read_inputs(request, CLIENT_INPUTS))

@@ -56,10 +56,7 @@ class ClientStream:
             return True
         self.ids += token_ids
         piece = self.text.push(token_ids)
-        now = time.perf_counter()
-        if self.first_at is None:
-            self.first_at = now
-            self.metrics.ttft.observe(now - self.arrived)
+        first = self.first_at is None
         if piece.stopped:
             finish_reason = "stop"
         text = piece.text
@@ -70,6 +67,11 @@ class ClientStream:
             self.sink.send(client_outputs(text, token_ids, finish_reason), final=final)
         elif final:
             self.sink.send(client_outputs(self.text.sent, self.ids, finish_reason), final=True)
+        # Timed after the send returns: what the client sees, including waits for the sender.
+        now = time.perf_counter()
+        if first:
+            self.first_at = now
+            self.metrics.ttft.observe(now - self.arrived)
         if final:
             self._close(now)
         return final
