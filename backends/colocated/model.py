@@ -7,7 +7,6 @@ measure the colocated baseline and the disaggregated deployment.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from backends.colocated.worker import ColocatedMetrics, ColocatedWorker
@@ -25,10 +24,8 @@ from backends.orchestrator.telemetry import latency_metrics
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = P.model_config(args)
-        P.require_decoupled(config)
-        params = P.parameters(config)
-        engine_config = P.engine_config(params, Path(args["model_repository"]).parent)
+        params, root = P.decoupled_model_parameters(args)
+        engine_config = P.engine_config(params, root)
         self.engine = LLMEngine(engine_config)
         self.tokenizer = load_tokenizer(engine_config.model_dir)
         # Kept on self: a metric family must outlive its metrics.
@@ -64,7 +61,7 @@ class TritonPythonModel:
                 sink.error(str(e))
                 continue
             stream = ClientStream(sink, self.tokenizer, req.stream, req.stop_words, self.latency, arrived)
-            self.worker.submit(seq, stream)
+            self.worker.submit((seq, stream))
 
     def finalize(self) -> None:
         self.worker.stop()

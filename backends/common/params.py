@@ -10,6 +10,15 @@ from typing import Any
 from backends.engine.config import EngineConfig
 
 
+def decoupled_model_parameters(args: Mapping[str, str]) -> tuple[dict[str, str], Path]:
+    """What every model's initialize() starts with: checks the model is decoupled, returns its
+    string parameters and the repository root (relative model_dir values resolve against it;
+    args["model_repository"] is the model's own folder)."""
+    config = model_config(args)
+    require_decoupled(config)
+    return parameters(config), Path(args["model_repository"]).parent
+
+
 def model_config(args: Mapping[str, str]) -> dict[str, Any]:
     return dict(json.loads(args["model_config"]))
 

@@ -9,7 +9,6 @@ finish_reason with the final flag.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,10 +32,8 @@ log = logging.getLogger(__name__)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = P.model_config(args)
-        P.require_decoupled(config)
-        params = P.parameters(config)
-        engine_config = P.engine_config(params, Path(args["model_repository"]).parent)
+        params, root = P.decoupled_model_parameters(args)
+        engine_config = P.engine_config(params, root)
         transport, _, _ = P.kv_settings(params)
         self.engine = LLMEngine(engine_config)
         self.receiver = create_receiver(transport, self.engine.pool, ReceiverConfig())

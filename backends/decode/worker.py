@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import numpy as np
 
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink, token_outputs
+from backends.common.worker_loop import WorkerLoop
 from backends.engine.engine import LLMEngine
 from backends.engine.scheduler import fits
 from backends.engine.sequence import Sequence, Status
@@ -58,7 +58,7 @@ class DecodeMetrics(NamedTuple):
     cancelled: Counter = NULL
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerLoop[DecodeJob]):
     def __init__(
         self,
         engine: LLMEngine,
@@ -67,66 +67,49 @@ class DecodeWorker:
         transfer_threads: int = 4,
         heartbeat_s: float = 1.0,
     ) -> None:
-        self.heartbeat_s = heartbeat_s
-        self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._by_id: dict[str, DecodeJob] = {}
+        super().__init__("decode-loop")
         self.engine = engine
         self.receiver = receiver
         self.metrics = metrics or DecodeMetrics()
-        self._inbox: queue.SimpleQueue[DecodeJob] = queue.SimpleQueue()
+        self.heartbeat_s = heartbeat_s
+        self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._by_id: dict[str, DecodeJob] = {}
         self._pending: deque[DecodeJob] = deque()  # not yet admitted: no decode memory held
         self._transferring: set[DecodeJob] = set()
         self._arrived: queue.SimpleQueue[tuple[DecodeJob, BaseException | None]] = queue.SimpleQueue()
         self._running: dict[Sequence, DecodeJob] = {}
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._transfers = ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-pull")
         self._update_gauges()
-        self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: DecodeJob) -> None:
-        self._inbox.put(job)
-        self._wake.set()
+        self.start()
 
     def cancel(self, request_id: str) -> None:
         """Stops the job submitted under request_id (unknown or finished ids are ignored)."""
         self._cancels.put(request_id)
-        self._wake.set()
+        self.wake()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ends every job with an error (server shutting down) and stops the loop."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
+        super().stop(timeout)
         self._transfers.shutdown(wait=True, cancel_futures=True)
 
     # ---- loop ------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._take_new()
-                self._drop_cancelled()
-                self._admit()
-                self._collect_transfers()
-                self._heartbeat()
-                if self._running:
-                    self._step()
-                else:
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-            except Exception:  # keep serving: one bad iteration must not kill every stream
-                log.exception("decode loop iteration failed")
-                self._fail_running("internal error in the decode loop")
-        self._shutdown()
+    def iterate(self) -> None:
+        self._take_new()
+        self._drop_cancelled()
+        self._admit()
+        self._collect_transfers()
+        self._heartbeat()
+        if self._running:
+            self._step()
+        else:
+            self.idle(0.05)
+
+    def on_failure(self) -> None:
+        self._fail_running("internal error in the decode loop")
 
     def _take_new(self) -> None:
-        while True:
-            try:
-                job = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for job in self.take_new():
             self._pending.append(job)
             if job.seq.request_id:
                 self._by_id[job.seq.request_id] = job
@@ -191,7 +174,7 @@ class DecodeWorker:
             self._arrived.put((job, None))
         except BaseException as exc:
             self._arrived.put((job, exc))
-        self._wake.set()
+        self.wake()
 
     def _collect_transfers(self) -> None:
         while True:
@@ -240,7 +223,7 @@ class DecodeWorker:
             self._end(job, error=message)
         self._update_gauges()
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         self._take_new()
         for job in self._pending:
             self._release_remote(job)

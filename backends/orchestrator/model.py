@@ -55,12 +55,8 @@ class BLSResponses:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from pathlib import Path
-
-        config = P.model_config(args)
-        P.require_decoupled(config)
-        params = P.parameters(config)
-        self.tokenizer = load_tokenizer(P.resolve_model_dir(params, Path(args["model_repository"]).parent))
+        params, root = P.decoupled_model_parameters(args)
+        self.tokenizer = load_tokenizer(P.resolve_model_dir(params, root))
         prefill = Router([m.strip() for m in params.get("prefill_models", "prefill").split(",") if m.strip()])
         decode = Router([m.strip() for m in params.get("decode_models", "decode").split(",") if m.strip()])
         self.leases = LeaseReleaser()

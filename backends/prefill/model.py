@@ -8,7 +8,6 @@ finish_reason. The KV stays in this instance's pool under lease until a decode i
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from backends.common import params as P
@@ -28,10 +27,8 @@ log = logging.getLogger(__name__)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = P.model_config(args)
-        P.require_decoupled(config)
-        params = P.parameters(config)
-        engine_config = P.engine_config(params, Path(args["model_repository"]).parent)
+        params, root = P.decoupled_model_parameters(args)
+        engine_config = P.engine_config(params, root)
         transport, lease_s, port = P.kv_settings(params)
         # shm: the pool lives in a named segment that decode instances map read-only.
         self.pool = (

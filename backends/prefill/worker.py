@@ -11,8 +11,6 @@ queue buffer between the phases: when leases fill the pool, batching waits, and 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import numpy as np
 
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink
+from backends.common.worker_loop import WorkerLoop
 from backends.engine.engine import LLMEngine
 from backends.engine.sequence import Sequence
 from kv_transfer.base import KVSender
@@ -53,56 +52,37 @@ def prefill_outputs(first_token: int, handle: bytes, finish_reason: str | None) 
     }
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerLoop[PrefillJob]):
     def __init__(self, engine: LLMEngine, sender: KVSender, metrics: PrefillMetrics | None = None) -> None:
+        super().__init__("prefill-loop")
         self.engine = engine
         self.sender = sender
         self.metrics = metrics or PrefillMetrics()
-        self._inbox: queue.SimpleQueue[PrefillJob] = queue.SimpleQueue()
         self._waiting: deque[PrefillJob] = deque()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._update_gauges()
-        self._thread = threading.Thread(target=self._loop, name="prefill-loop", daemon=True)
-        self._thread.start()
+        self.start()
 
-    def submit(self, job: PrefillJob) -> None:
-        self._inbox.put(job)
-        self._wake.set()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._take_new()
-                batch = self._next_batch()
-                if batch:
-                    self._run(batch)
-                else:
-                    # Nothing fits yet: wait for a request, or for leases to free blocks.
-                    self._wake.wait(0.02 if self._waiting else 0.2)
-                    self._wake.clear()
-            except Exception:
-                log.exception("prefill loop iteration failed")
-        self._take_new()
-        for job in self._waiting:
-            job.sink.error("prefill instance is shutting down")
-        self._waiting.clear()
-
-    def _take_new(self) -> None:
-        while True:
-            try:
-                self._waiting.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
+    def iterate(self) -> None:
+        self._waiting.extend(self.take_new())
         for job in [j for j in self._waiting if j.sink.is_cancelled()]:
             self._waiting.remove(job)
             self.metrics.cancelled.increment(1)
         self._update_gauges()
+        batch = self._next_batch()
+        if batch:
+            self._run_batch(batch)
+        else:
+            # Nothing fits yet: wait for a request, or for leases to free blocks.
+            self.idle(0.02 if self._waiting else 0.2)
+
+    def on_failure(self) -> None:
+        pass  # _run_batch ends its own jobs on failure; waiting jobs are untouched
+
+    def shutdown(self) -> None:
+        self._waiting.extend(self.take_new())
+        for job in self._waiting:
+            job.sink.error("prefill instance is shutting down")
+        self._waiting.clear()
 
     def _next_batch(self) -> list[PrefillJob]:
         budget = self.engine.config.max_num_batched_tokens
@@ -122,7 +102,7 @@ class PrefillWorker:
             self._waiting.popleft()
         return batch
 
-    def _run(self, batch: list[PrefillJob]) -> None:
+    def _run_batch(self, batch: list[PrefillJob]) -> None:
         now = time.perf_counter()
         seqs = [j.seq for j in batch]
         try:
