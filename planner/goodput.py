@@ -41,8 +41,8 @@ class SearchSettings:
 
     precision: float = 0.03
     min_requests: int = 600
-    max_requests: int = 10000
-    residence_multiple: float = 1.5
+    max_requests: int = 30000
+    residence_multiple: float = 2.5
     seed: int = 0
     arrival_cv: float = 1.0
     min_rate: float = 1e-3
@@ -67,8 +67,11 @@ class Goodput(NamedTuple):
     simulations: int
 
 
-def requests_for(rate: float, workload: Workload, slo: Slo, settings: SearchSettings) -> int:
-    residence = float(workload.output_lens.mean()) * slo.tpot
+def requests_for(
+    rate: float, workload: Workload, slo: Slo, settings: SearchSettings, mode: str = "joint"
+) -> int:
+    # Prefill alone has no decode batch to fill: its queue relaxes on the scale of the TTFT SLO.
+    residence = 4 * slo.ttft if mode == "prefill_only" else float(workload.output_lens.mean()) * slo.tpot
     warmup_seconds = settings.residence_multiple * residence
     n = math.ceil(rate * warmup_seconds / 0.2)
     return int(min(max(n, settings.min_requests), settings.max_requests))
@@ -102,7 +105,7 @@ def attainment_at(
     if rate <= 0:
         raise PlannerError("the rate must be positive")
     times, p, o = _samples(workload, settings)
-    n = requests_for(rate, workload, slo, settings)
+    n = requests_for(rate, workload, slo, settings, cfg.mode)
     res = simulate(cfg, times[:n] / rate, p[:n], o[:n])
     ttft, tpot = slo_for_mode(cfg, slo)
     return res.attainment(ttft, tpot)

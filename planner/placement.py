@@ -125,18 +125,27 @@ def _finish(
     colocated: PhaseChoice | None,
     details: Mapping[str, object],
     log: Log,
+    units: int = 1,
 ) -> Plan:
-    log(f"joint simulation of {len(replicas)} instances on {sum(len(r.gpus) for r in replicas)} GPUs")
+    """Joint goodput of the deployment. With `units` > 1 (Alg. 2) the units are identical and the
+    router balances requests across them, so one unit is simulated at 1/units of the rate: a far
+    longer run (closer to steady state) for the same cost."""
+    sim = [r for r in replicas if r.group == 0] if units > 1 else replicas
+    log(
+        f"joint simulation of {len(sim)} instances on {sum(len(r.gpus) for r in sim)} GPUs"
+        + (f" (one of {units} units)" if units > 1 else "")
+    )
     good = search_goodput(
-        joint_config(problem, replicas), problem.workload, problem.slo, problem.settings, predicted
+        joint_config(problem, sim), problem.workload, problem.slo, problem.settings, predicted / units
     )
     details = {
         **details,
         "predicted_goodput": predicted,
         "joint_ci": [good.attainment.ci_low, good.attainment.ci_high],
+        "simulated_units": 1 if units > 1 else None,
     }
-    return Plan(algorithm, problem.model.name, prefill, decode, tuple(replicas), good.rate, good.attainment.value,
-                rate, colocated, details)  # fmt: skip
+    return Plan(algorithm, problem.model.name, prefill, decode, tuple(replicas), good.rate * units,
+                good.attainment.value, rate, colocated, details)  # fmt: skip
 
 
 def _verify_rate(problem: Problem, replicas: list[Replica], rate: float) -> tuple[float, float]:
@@ -195,15 +204,16 @@ def _choose_pair(
     td_: list[PhaseTask],
     rate: float | None,
 ) -> tuple[PhaseTask, PhaseTask, int, int]:
-    """The best prefill and decode configs by per-GPU goodput, chosen independently; when that pair
-    cannot be replicated in the cluster, the best pair that can (by the rate per GPU it serves)."""
+    """Prefill and decode configs (each searched on its own, by single-instance goodput) and their
+    replica counts: the pair serving the target rate with the fewest GPUs, or without a target the
+    pair whose replicas fill the cluster with the most rate."""
     ps = sorted((t for t in tp_ if res[t].rate > 0), key=lambda t: (-res[t].rate / t.gpus, t.gpus))
     ds = sorted((t for t in td_ if res[t].rate > 0), key=lambda t: (-res[t].rate / t.gpus, t.gpus))
     if not ps:
         raise _unmet(problem, "prefill")
     if not ds:
         raise _unmet(problem, "decode")
-    best: tuple[float, int, PhaseTask, PhaseTask, int, int] | None = None
+    best: tuple[float, float, PhaseTask, PhaseTask, int, int] | None = None
     for bp in ps:
         for bd in ds:
             gp, gd = res[bp].rate, res[bd].rate
@@ -216,10 +226,13 @@ def _choose_pair(
                 if counts is None:
                     continue
                 n_p, n_d = counts
-            if (bp, bd) == (ps[0], ds[0]):
-                return bp, bd, n_p, n_d  # the independent choice fits: Alg. 1 as published
             gpus = n_p * bp.gpus + n_d * bd.gpus
-            key = (min(n_p * gp, n_d * gd) / gpus, -gpus, bp, bd, n_p, n_d)
+            served = min(n_p * gp, n_d * gd)
+            # With a target: fewest GPUs, then per-GPU goodput; filling the cluster: most rate, then
+            # fewest GPUs. Replica counts are whole, so the per-GPU best configs chosen on their own
+            # (Alg. 1 as published) can lose to a pair whose counts round better.
+            score = (-gpus, served / gpus) if rate is not None else (served, -gpus)
+            key = (*score, bp, bd, n_p, n_d)
             if best is None or key[:2] > best[:2]:
                 best = key
     if best is None:
@@ -336,7 +349,8 @@ def alg2(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Pla
     replicas = _pack_units_or_fail(problem, seg, units, rate)
     if rate is not None:
         for _ in range(MAX_FIXUPS):
-            a_ttft, a_tpot = _verify_rate(problem, replicas, rate)
+            unit = [r for r in replicas if r.group == 0]
+            a_ttft, a_tpot = _verify_rate(problem, unit, rate / units)
             if min(a_ttft, a_tpot) >= problem.slo.attainment:
                 break
             units += 1
@@ -346,7 +360,7 @@ def alg2(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Pla
     details = {"configs_evaluated": len(res), "unit_shapes": len(segs), "units": units, "segment": seg._asdict(),
                "kv_link": "nvlink"}  # fmt: skip
     return _finish(problem, "alg2-low-affinity", replicas, pre, dec, units * g_unit, rate,
-                   colocated_search(problem, res, log), details, log)  # fmt: skip
+                   colocated_search(problem, res, log), details, log, units)  # fmt: skip
 
 
 def _pack_units_or_fail(problem: Problem, seg: Segment, units: int, rate: float | None) -> list[Replica]:

@@ -185,6 +185,10 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
     by_group: dict[int, list[_Inst]] = {}
     for d in dec:
         by_group.setdefault(d.spec.group, []).append(d)
+    pre_groups: dict[int, list[_Inst]] = {}
+    for p_ in pre:
+        if p_.spec.group in by_group:
+            pre_groups.setdefault(p_.spec.group, []).append(p_)
     heap: list[tuple[float, int, int, _Inst | None, object]] = []
     seq = 0
     rr_next = [0, 0]
@@ -231,6 +235,12 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
         if which == 0:
             return min(insts, key=lambda x: x.queued)
         return min(insts, key=lambda x: x.queued - sum(ln.count * ln.done_by(t) for ln in x.lanes))
+
+    def group_load(g: int, t: float) -> float:
+        ds = by_group[g]
+        owed = sum(x.queued - sum(ln.count * ln.done_by(t) for ln in x.lanes) for x in ds)
+        prompts = sum(x.queued for x in pre_groups[g])
+        return (owed + prompts) / len(ds)
 
     def try_admit(d: _Inst, t: float) -> None:
         cap, mb = d.spec.capacity_tokens, d.spec.max_batch
@@ -363,7 +373,13 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
                 d.queued += olen[i] - 1
                 try_admit(d, t)
             else:
-                p = pick(pre, 0, t)
+                if len(pre_groups) > 1 and not rr:
+                    # Node-local units: the unit whose decode instances owe the fewest tokens each,
+                    # then its least-loaded prefill instance (else every tie would go to unit 0).
+                    g = min(pre_groups, key=lambda k: group_load(k, t))
+                    p = pick(pre_groups[g], 0, t)
+                else:
+                    p = pick(pre, 0, t)
                 p.queue.append(i)
                 p.queued += plen[i]
                 if not p.busy:

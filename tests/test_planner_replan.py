@@ -19,8 +19,8 @@ WORKLOAD = "synthetic:prompt=uniform(50,400),output=uniform(50,300),n=4000"
 @pytest.fixture(scope="module")
 def plan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("plan")
-    argv = ["plan", "--model", "opt-13b", "--nodes", "1", "--gpus-per-node", "8", "--ttft", "0.25", "--tpot", "0.1",
-            "--workload", WORKLOAD, "--rate", "12", "--precision", "0.1", "--out", str(out)]  # fmt: skip
+    argv = ["plan", "--model", "opt-13b", "--nodes", "2", "--gpus-per-node", "8", "--ttft", "0.25", "--tpot", "0.1",
+            "--workload", WORKLOAD, "--rate", "20", "--precision", "0.1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     return out
 
@@ -60,18 +60,18 @@ def test_parse_triton_metrics() -> None:
 
 def test_replan_scales_up_and_down(plan_dir: Path, tmp_path: Path) -> None:
     plan = load_plan(plan_dir / "plan.json")
-    assert plan.target_rate == 12
-    same = decide(plan, read_log(write_log(tmp_path / "same.jsonl", rate=12.0)))
+    assert plan.target_rate == 20
+    same = decide(plan, read_log(write_log(tmp_path / "same.jsonl", rate=20.0)))
     assert not same.change and same.current_attainment >= 0.9
-    busy = decide(plan, read_log(write_log(tmp_path / "busy.jsonl", rate=30.0, seed=1)))
+    busy = decide(plan, read_log(write_log(tmp_path / "busy.jsonl", rate=50.0, seed=1)))
     assert busy.change and busy.current_attainment < 0.9
     assert busy.new_plan is not None and busy.new_plan.num_gpus > plan.num_gpus
-    quiet = decide(plan, read_log(write_log(tmp_path / "quiet.jsonl", rate=2.0, seed=2)))
+    quiet = decide(plan, read_log(write_log(tmp_path / "quiet.jsonl", rate=3.0, seed=2)))
     assert quiet.change and quiet.new_plan is not None and quiet.new_plan.num_gpus < plan.num_gpus
 
 
 def test_replan_cli(plan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    log = write_log(tmp_path / "log.jsonl", rate=30.0, seed=3)
+    log = write_log(tmp_path / "log.jsonl", rate=50.0, seed=3)
     assert (
         main(
             ["replan", "--plan", str(plan_dir / "plan.json"), "--log", str(log), "--out", str(tmp_path / "n")]
