@@ -49,9 +49,11 @@ demo: model tritonserver repository
 	$(PY) -m backends.demo --model-repository model_repository \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
+CODE := backends kv_transfer planner client tests
+
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check $(CODE)
+	$(VENV)/bin/ruff format --check $(CODE)
 	$(VENV)/bin/mypy backends kv_transfer planner client
 
 bench: setup model
