@@ -1,0 +1,261 @@
+"""Real-system check of the planner: predicted vs measured SLO attainment on this machine.
+
+    python -m planner.validate --model models/tiny-llama [--rates 1,2,3] [--out DIR]
+
+1. profile the engine on CPU with num_threads=1 (how each Triton model process runs it), or take
+   --profile;
+2. start tritonserver with the default deployment (or use --url, a server already running it) and
+   measure the serving overheads over the engine profile through it (planner.calibration);
+3. predict: simulate one prefill and one decode instance on exactly the requests and arrival times
+   the benchmark sends at each rate (the engine limits of the default deployment);
+4. measure: the client benchmark's open-loop streaming run at each rate against the server;
+5. print rate | predicted | measured | difference (points) and write validation.json.
+
+The prediction is given twice: from the engine profile alone and with the measured overheads."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from planner import PlannerError
+from planner.calibration import NO_OVERHEAD, CalibrationPlan, calibrate, with_overheads
+from planner.deployment import EngineParams, default_deployment
+from planner.latency import PhaseLatency
+from planner.model_spec import from_hf_config
+from planner.profile import TpProfile, load_profile, save_profile
+from planner.profiler import ProfileGrid, build_profile, measure
+from planner.simulator import Instance, SimConfig, simulate
+
+# The shapes the default workload reaches: prompts up to ~1k tokens, decode batches up to ~32.
+VALIDATION_GRID = ProfileGrid(
+    prefill_batch_sizes=(1, 2, 4),
+    prefill_lens=(32, 128, 512, 1024),
+    decode_batch_sizes=(1, 4, 16, 32),
+    decode_ctx_lens=(64, 512),
+    decode_steps=3,
+    repeats=2,
+    max_batch_tokens=2048,
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """The workload, rates and SLOs of one check (the same for prediction and measurement)."""
+
+    workload: str
+    rates: tuple[float, ...]
+    num_requests: int
+    ttft: float
+    tpot: float
+    cv: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.rates or min(self.rates) <= 0:
+            raise PlannerError(f"rates must be positive, got {self.rates}")
+        if self.num_requests < 1:
+            raise PlannerError("--num-requests must be >= 1")
+        if self.ttft <= 0 or self.tpot <= 0 or self.cv <= 0:
+            raise PlannerError("--ttft, --tpot and --cv must be positive")
+
+
+class Prediction(NamedTuple):
+    attainment: float
+    ttft_attainment: float
+    tpot_attainment: float
+    ttft_mean: float
+    tpot_mean: float
+
+
+def predict(
+    tp: TpProfile,
+    engine: EngineParams,
+    prompts: np.ndarray,
+    outputs: np.ndarray,
+    times: np.ndarray,
+    check: Check,
+) -> Prediction:
+    """Simulate one prefill and one decode instance (the engine limits of `engine`) on these
+    requests; attainment over all of them, as the benchmark counts it (no warm-up window)."""
+    lat = PhaseLatency(1, 1, tp, hop_ms=0.0)  # no pipeline: one process per phase
+    cfg = SimConfig(
+        prefill=(Instance(lat, max_batch=engine.max_num_seqs),),
+        decode=(Instance(lat, engine.num_blocks * engine.block_size, engine.max_num_seqs),),
+        token_budget=engine.max_num_batched_tokens,
+    )
+    res = simulate(cfg, times, prompts, outputs)
+    ok_t, ok_o = res.ttft <= check.ttft, res.tpot <= check.tpot
+    return Prediction(
+        float((ok_t & ok_o).mean()), float(ok_t.mean()), float(ok_o.mean()), float(res.ttft.mean()),
+        float(res.tpot.mean()),
+    )  # fmt: skip
+
+
+def take_profile(model_dir: str, out: Path, log: Any) -> TpProfile:
+    """Profile the engine on CPU with one torch thread (as in the default deployment)."""
+    t0 = time.perf_counter()
+    pre, dec = measure(model_dir, "cpu", VALIDATION_GRID, num_threads=1)
+    prof, e_p, e_d = build_profile(from_hf_config(model_dir).name, pre, dec)
+    save_profile(prof, out / "profile.json")
+    log(
+        f"profiled in {time.perf_counter() - t0:.0f}s (num_threads=1): fit error prefill mean "
+        f"{e_p.mean:.1%}, decode mean {e_d.mean:.1%} -> {out / 'profile.json'}"
+    )
+    return next(iter(prof.models.values()))[1]
+
+
+@contextlib.contextmanager
+def serving(model_dir: str, out: Path, url: str | None, log: Any) -> Iterator[str]:
+    """The gRPC address of a server running the default deployment: `url`, or one started here."""
+    if url:
+        yield url
+        return
+    from backends.launcher import TritonServer, TritonServerConfig
+    from planner.repository import relative_model_dir, write_repository
+
+    repo = out / "model_repository"
+    write_repository(default_deployment(relative_model_dir(model_dir, repo)), repo)
+    t0 = time.perf_counter()
+    with TritonServer(TritonServerConfig(repo, log_file=out / "tritonserver.log")) as server:
+        log(f"tritonserver ready at {server.grpc_url} in {time.perf_counter() - t0:.0f}s")
+        yield server.grpc_url
+
+
+def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    from client.bench.requests import arrival_times, make_requests
+    from client.bench.runner import run_rate
+    from client.bench.stats import summarize
+
+    check = Check(
+        args.workload, tuple(args.rates), args.num_requests, args.ttft, args.tpot, args.cv, args.seed
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = from_hf_config(args.model)
+    engine = default_deployment(args.model).decode[0].engine
+    if args.profile:
+        tp = load_profile(args.profile).for_model(spec.name)[1]
+    else:
+        tp = take_profile(args.model, out, log)
+    reqs = make_requests(
+        check.workload, check.num_requests, check.seed, spec.vocab_size, spec.max_position_embeddings, args.model
+    )  # fmt: skip
+    prompts = np.array([len(r.prompt_ids) for r in reqs], dtype=np.int64)
+    outputs = np.array([r.output_len for r in reqs], dtype=np.int64)
+    rows = []
+    with serving(args.model, out, args.url, log) as url:
+        cal = NO_OVERHEAD
+        if not args.no_calibration:
+            cal = calibrate(url, PhaseLatency(1, 1, tp, 0.0), spec.vocab_size, CalibrationPlan(), check.seed)
+            log(
+                f"served overheads: prefill +{cal.prefill_ms:.1f} ms/batch, decode "
+                f"+{cal.decode_step_ms:.2f} ms/step +{cal.decode_seq_ms:.2f} ms/sequence/step"
+            )
+        served = with_overheads(tp, cal)
+        for rate in check.rates:
+            times = arrival_times(check.num_requests, rate, check.cv, check.seed)
+            raw = predict(tp, engine, prompts, outputs, times, check)
+            pred = predict(served, engine, prompts, outputs, times, check)
+            res = run_rate(url, "grpc", "orchestrator", reqs, times.tolist(), 300.0, f"{rate:g} req/s")
+            meas = summarize(res.records, rate, res.duration_s, check.ttft, check.tpot)
+            row = {
+                "rate": rate,
+                "predicted": pred.attainment,
+                "predicted_engine_only": raw.attainment,
+                "measured": meas["attainment"],
+                "difference_points": 100.0 * (pred.attainment - meas["attainment"]),
+                "prediction": pred._asdict(),
+                "prediction_engine_only": raw._asdict(),
+                "measurement": meas,
+            }
+            rows.append(row)
+            log(
+                f"rate {rate:g}: predicted {pred.attainment:.3f} (engine only {raw.attainment:.3f}), "
+                f"measured {meas['attainment']:.3f} (ttft {meas['ttft_attainment']:.2f}, "
+                f"tpot {meas['tpot_attainment']:.2f}, errors {meas['errors']})"
+            )
+    worst = max(abs(r["difference_points"]) for r in rows)
+    return {
+        "command": "python -m planner.validate " + " ".join(args.argv),
+        "check": check.__dict__,
+        "profile": tp.to_json(),
+        "calibration": cal.as_dict(),
+        "profile_with_overheads": served.to_json(),
+        "rows": rows,
+        "max_abs_difference_points": worst,
+        "within_5_points": worst <= 5.0,
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        "| rate (req/s) | predicted attainment | measured attainment | difference (points) "
+        "| engine-only prediction |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['rate']:g} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['difference_points']:+.1f} "
+            f"| {r['predicted_engine_only']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        return sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rates must be numbers separated by commas, got {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m planner.validate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="models/tiny-llama", help="Hugging Face model folder")
+    ap.add_argument("--profile", help="engine profile JSON (default: profile now, num_threads=1)")
+    ap.add_argument("--url", help="gRPC HOST:PORT of a server already running the default deployment")
+    ap.add_argument("--workload", default="synthetic:prompt=uniform(32,1024),output=uniform(16,96)")
+    ap.add_argument("--rates", type=_rates, default=[1.0, 2.0, 3.0], help="req/s, comma-separated")
+    ap.add_argument("--num-requests", type=int, default=60, help="per rate")
+    ap.add_argument("--ttft", type=float, default=0.5, help="TTFT SLO, seconds")
+    ap.add_argument("--tpot", type=float, default=0.03, help="TPOT SLO, seconds")
+    ap.add_argument("--cv", type=float, default=1.0, help="arrival burstiness (1 = Poisson)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-calibration", action="store_true", help="predict from the engine profile alone")
+    ap.add_argument("--out", default="validate-out", help="folder for validation.json, profile, server log")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        report = run(args, log)
+    except PlannerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report["seconds"] = time.perf_counter() - t0
+    path = Path(args.out) / "validation.json"
+    path.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    print(table(report))
+    verdict = "within" if report["within_5_points"] else "NOT within"
+    print(
+        f"largest difference {report['max_abs_difference_points']:.1f} points: {verdict} 5 points "
+        f"({report['seconds']:.0f}s) -> {path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
