@@ -29,6 +29,7 @@ import numpy as np
 
 from planner import PlannerError
 from planner.calibration import NO_OVERHEAD, CalibrationPlan, calibrate, with_overheads
+from planner.cpu_usage import snapshot, usage
 from planner.deployment import EngineParams, default_deployment
 from planner.latency import PhaseLatency
 from planner.model_spec import from_hf_config
@@ -69,6 +70,11 @@ class Check:
             raise PlannerError("--ttft, --tpot and --cv must be positive")
 
 
+QUICK_CALIBRATION = CalibrationPlan(
+    prefill_lens=(32, 256), decode_batches=(1, 8), decode_tokens=17, repeats=1
+)
+
+
 class Prediction(NamedTuple):
     attainment: float
     ttft_attainment: float
@@ -101,10 +107,10 @@ def predict(
     )  # fmt: skip
 
 
-def take_profile(model_dir: str, out: Path, log: Any) -> TpProfile:
+def take_profile(model_dir: str, out: Path, log: Any, grid: ProfileGrid = VALIDATION_GRID) -> TpProfile:
     """Profile the engine on CPU with one torch thread (as in the default deployment)."""
     t0 = time.perf_counter()
-    pre, dec = measure(model_dir, "cpu", VALIDATION_GRID, num_threads=1)
+    pre, dec = measure(model_dir, "cpu", grid, num_threads=1)
     prof, e_p, e_d = build_profile(from_hf_config(model_dir).name, pre, dec)
     save_profile(prof, out / "profile.json")
     log(
@@ -115,10 +121,11 @@ def take_profile(model_dir: str, out: Path, log: Any) -> TpProfile:
 
 
 @contextlib.contextmanager
-def serving(model_dir: str, out: Path, url: str | None, log: Any) -> Iterator[str]:
-    """The gRPC address of a server running the default deployment: `url`, or one started here."""
+def serving(model_dir: str, out: Path, url: str | None, log: Any) -> Iterator[tuple[str, int | None]]:
+    """The gRPC address of a server running the default deployment (`url`, or one started here)
+    and the process group of the server when it was started here (for CPU accounting)."""
     if url:
-        yield url
+        yield url, None
         return
     from backends.launcher import TritonServer, TritonServerConfig
     from planner.repository import relative_model_dir, write_repository
@@ -128,7 +135,7 @@ def serving(model_dir: str, out: Path, url: str | None, log: Any) -> Iterator[st
     t0 = time.perf_counter()
     with TritonServer(TritonServerConfig(repo, log_file=out / "tritonserver.log")) as server:
         log(f"tritonserver ready at {server.grpc_url} in {time.perf_counter() - t0:.0f}s")
-        yield server.grpc_url
+        yield server.grpc_url, server.pid  # the launcher starts it as a process-group leader
 
 
 def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
@@ -146,17 +153,18 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     if args.profile:
         tp = load_profile(args.profile).for_model(spec.name)[1]
     else:
-        tp = take_profile(args.model, out, log)
+        tp = take_profile(args.model, out, log, ProfileGrid.quick() if args.quick else VALIDATION_GRID)
     reqs = make_requests(
         check.workload, check.num_requests, check.seed, spec.vocab_size, spec.max_position_embeddings, args.model
     )  # fmt: skip
     prompts = np.array([len(r.prompt_ids) for r in reqs], dtype=np.int64)
     outputs = np.array([r.output_len for r in reqs], dtype=np.int64)
     rows = []
-    with serving(args.model, out, args.url, log) as url:
+    probes = QUICK_CALIBRATION if args.quick else CalibrationPlan()
+    with serving(args.model, out, args.url, log) as (url, pgid):
         cal = NO_OVERHEAD
         if not args.no_calibration:
-            cal = calibrate(url, PhaseLatency(1, 1, tp, 0.0), spec.vocab_size, CalibrationPlan(), check.seed)
+            cal = calibrate(url, PhaseLatency(1, 1, tp, 0.0), spec.vocab_size, probes, check.seed)
             log(
                 f"served overheads: prefill +{cal.prefill_ms:.1f} ms/batch, decode "
                 f"+{cal.decode_step_ms:.2f} ms/step +{cal.decode_seq_ms:.2f} ms/sequence/step"
@@ -166,7 +174,9 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             times = arrival_times(check.num_requests, rate, check.cv, check.seed)
             raw = predict(tp, engine, prompts, outputs, times, check)
             pred = predict(served, engine, prompts, outputs, times, check)
+            before = snapshot(pgid)
             res = run_rate(url, "grpc", "orchestrator", reqs, times.tolist(), 300.0, f"{rate:g} req/s")
+            cpu = usage(before, snapshot(pgid))
             meas = summarize(res.records, rate, res.duration_s, check.ttft, check.tpot)
             row = {
                 "rate": rate,
@@ -177,12 +187,14 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 "prediction": pred._asdict(),
                 "prediction_engine_only": raw._asdict(),
                 "measurement": meas,
+                "cpu": cpu._asdict(),
             }
             rows.append(row)
             log(
                 f"rate {rate:g}: predicted {pred.attainment:.3f} (engine only {raw.attainment:.3f}), "
                 f"measured {meas['attainment']:.3f} (ttft {meas['ttft_attainment']:.2f}, "
-                f"tpot {meas['tpot_attainment']:.2f}, errors {meas['errors']})"
+                f"tpot {meas['tpot_attainment']:.2f}, errors {meas['errors']}); cores busy: ours "
+                f"{cpu.cores_ours:.2f}, others {cpu.cores_others:.2f} of {cpu.cores}"
             )
     worst = max(abs(r["difference_points"]) for r in rows)
     return {
@@ -200,13 +212,13 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     lines = [
         "| rate (req/s) | predicted attainment | measured attainment | difference (points) "
-        "| engine-only prediction |",
-        "|---|---|---|---|---|",
+        "| engine-only prediction | other processes' load (cores) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['rate']:g} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['difference_points']:+.1f} "
-            f"| {r['predicted_engine_only']:.3f} |"
+            f"| {r['predicted_engine_only']:.3f} | {r['cpu']['cores_others']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -231,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tpot", type=float, default=0.03, help="TPOT SLO, seconds")
     ap.add_argument("--cv", type=float, default=1.0, help="arrival burstiness (1 = Poisson)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="small profile grid and few probes (tests)")
     ap.add_argument("--no-calibration", action="store_true", help="predict from the engine profile alone")
     ap.add_argument("--out", default="validate-out", help="folder for validation.json, profile, server log")
     args = ap.parse_args(argv)
