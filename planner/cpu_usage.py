@@ -16,6 +16,7 @@ class CpuSnapshot(NamedTuple):
     wall: float
     busy_s: float  # CPU seconds all cores spent outside idle/iowait since boot
     ours_s: float  # CPU seconds of this process and the watched process group
+    ours_wait_s: float  # seconds their threads were runnable but waiting for a core (schedstat)
 
 
 class CpuUsage(NamedTuple):
@@ -26,19 +27,37 @@ class CpuUsage(NamedTuple):
     cores_ours: float
     cores_others: float
     cores: int
+    wait_per_run: float  # our threads' seconds waiting for a core per second running
+
+    @property
+    def slowdown(self) -> float:
+        """How much longer our work took than with a core always free: (run + wait) / run."""
+        return 1.0 + self.wait_per_run
 
 
-def _group_cpu_s(pgid: int) -> float:
-    total = 0.0
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the process ended meanwhile
-        # After the command name: state ppid pgrp ... utime(12th) stime(13th), 0-based from state.
-        if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / _TICK
-    return total
+        if int(fields[2]) == pgid:  # after the command name: state ppid pgrp ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _run_and_wait_s(pid: int) -> tuple[float, float]:
+    """CPU seconds and run-queue wait seconds of all threads of `pid` (/proc/PID/task/*/schedstat)."""
+    run = wait = 0
+    for f in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            r, w, _ = f.read_text().split()
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        run += int(r)
+        wait += int(w)
+    return run / 1e9, wait / 1e9
 
 
 def snapshot(server_pgid: int | None = None) -> CpuSnapshot:
@@ -47,13 +66,21 @@ def snapshot(server_pgid: int | None = None) -> CpuSnapshot:
     ticks = [int(x) for x in first]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
     busy = (sum(ticks[:8]) - idle) / _TICK  # user..steal; guest time is already inside user
-    own = os.times()
-    ours = own.user + own.system + (_group_cpu_s(server_pgid) if server_pgid else 0.0)
-    return CpuSnapshot(time.monotonic(), busy, ours)
+    pids = [os.getpid(), *(_group_pids(server_pgid) if server_pgid else [])]
+    ours = wait = 0.0
+    for pid in pids:
+        r, w = _run_and_wait_s(pid)
+        ours += r
+        wait += w
+    return CpuSnapshot(time.monotonic(), busy, ours, wait)
 
 
 def usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
     dt = max(after.wall - before.wall, 1e-9)
     busy = (after.busy_s - before.busy_s) / dt
     ours = (after.ours_s - before.ours_s) / dt
-    return CpuUsage(dt, busy, ours, max(busy - ours, 0.0), os.cpu_count() or 1)
+    run = after.ours_s - before.ours_s
+    wait = after.ours_wait_s - before.ours_wait_s
+    return CpuUsage(
+        dt, busy, ours, max(busy - ours, 0.0), os.cpu_count() or 1, wait / run if run > 0 else 0.0
+    )
