@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, NamedTuple
 
-from backends.process_group import SHM_DIR, signal_group, stub_shm_regions, wait_group_gone
+from backends.process_group import SHM_DIR, kv_segments, signal_group, stub_shm_regions, wait_group_gone
 from backends.tritonserver_config import (
     DEFAULT_INSTALL_DIR,
     LOCALHOST,
@@ -248,6 +248,8 @@ class TritonServer:
         wait_group_gone(pgid, timeout_s=5.0)
         for name in shm_names:
             (SHM_DIR / name).unlink(missing_ok=True)
+        for segment in kv_segments(pgid):  # a prefill killed before its finalize left its pool
+            segment.unlink(missing_ok=True)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None

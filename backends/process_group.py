@@ -46,3 +46,13 @@ def wait_group_gone(pgid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def kv_segment_prefix(pgid: int) -> str:
+    """Name prefix of the KV pools the prefill models of a server (process group) create: the
+    launcher removes them after the group is gone, even when it had to be killed."""
+    return f"kvp_{pgid}_"
+
+
+def kv_segments(pgid: int) -> list[Path]:
+    return sorted(SHM_DIR.glob(kv_segment_prefix(pgid) + "*"))

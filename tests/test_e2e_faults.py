@@ -131,3 +131,17 @@ def test_killed_decode_process_gives_an_error_not_a_hang(server: TritonServer) -
     client.close()
     # The orchestrator still answers (with an error for disaggregated requests) and colocated still serves.
     assert server.is_running()
+
+
+def test_pool_of_a_killed_server_is_removed_by_the_launcher(server: TritonServer) -> None:
+    # A prefill that dies alone has its segment unlinked by Python's resource tracker; when the
+    # whole server is killed (tracker included), the launcher removes what is left.
+    from backends.process_group import kv_segments, signal_group
+
+    pgid = server.pid  # the launcher starts the server as its own process-group leader
+    assert len(kv_segments(pgid)) == 1, "the prefill instance's KV pool is a named segment"
+    signal_group(pgid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert len(kv_segments(pgid)) == 1, "nothing ran to unlink it"
+    server.stop()
+    assert kv_segments(pgid) == []

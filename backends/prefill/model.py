@@ -8,6 +8,8 @@ finish_reason. The KV stays in this instance's pool under lease until a decode i
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from typing import Any
 
 from backends.common import params as P
@@ -18,6 +20,7 @@ from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_input
 from backends.engine.engine import LLMEngine, kv_layout_for
 from backends.engine.errors import RequestError
 from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
+from backends.process_group import kv_segment_prefix
 from kv_transfer.config import SenderConfig
 from kv_transfer.factory import create_sender
 from kv_transfer.shm_pool import ShmKVPool
@@ -31,11 +34,12 @@ class TritonPythonModel:
         engine_config = P.engine_config(params, root)
         transport, lease_s, port = P.kv_settings(params)
         # shm: the pool lives in a named segment that decode instances map read-only.
-        self.pool = (
-            ShmKVPool.create(kv_layout_for(engine_config), engine_config.num_blocks)
-            if transport == "shm"
-            else None
-        )
+        self.pool = None
+        if transport == "shm":
+            # Named after the server's process group, so the launcher can remove it if this
+            # process is killed before finalize() unlinks it.
+            name = kv_segment_prefix(os.getpgrp()) + secrets.token_hex(6)
+            self.pool = ShmKVPool.create(kv_layout_for(engine_config), engine_config.num_blocks, name)
         self.engine = LLMEngine(engine_config, self.pool)
         self.sender = create_sender(
             transport, self.engine.pool, self.engine.blocks, SenderConfig(port=port, lease_ttl_s=lease_s)
