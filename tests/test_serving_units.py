@@ -18,7 +18,7 @@ from backends.common.text_stream import TextStream
 from backends.engine.errors import RequestError
 from backends.engine.tokenizer import load_tokenizer
 from backends.orchestrator.pipeline import PhaseError, watched
-from backends.orchestrator.router import Router
+from backends.orchestrator.router import Router, RoutingTable
 
 
 class RecordingSink:
@@ -160,3 +160,19 @@ def test_engine_config_from_parameters(tiny_model_dir: Path) -> None:
         engine_config({"model_dir": "nowhere"}, root)
     with pytest.raises(ValueError, match="tp_size = 2: the built-in engine runs one device per replica"):
         engine_config({"model_dir": tiny_model_dir.name, "tp_size": "2"}, root)
+
+
+def test_routing_groups_keep_a_request_in_one_group() -> None:
+    table = RoutingTable.parse(
+        "prefill_0,prefill_1", "decode_0,decode_1", "prefill_0:decode_0;prefill_1:decode_1"
+    )
+    p, d = table.pick()
+    with p.route(500), d.route(100):
+        p2, d2 = table.pick()
+        assert (p2.models, d2.models) == (["prefill_1"], ["decode_1"]), "the loaded group is avoided"
+    flat = RoutingTable.parse("prefill", "decode")
+    assert [(p.models, d.models) for p, d in flat.groups] == [(["prefill"], ["decode"])]
+    with pytest.raises(ValueError, match="exactly once"):
+        RoutingTable.parse("prefill_0,prefill_1", "decode_0", "prefill_0:decode_0")
+    with pytest.raises(ValueError, match="must be 'prefill"):
+        RoutingTable.parse("prefill_0", "decode_0", "prefill_0")

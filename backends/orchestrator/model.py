@@ -4,7 +4,8 @@ For each client request, on a worker thread (many requests in flight in one inst
 call a prefill replica, stream the first token at once, call a decode replica and stream the rest,
 with incremental detokenization, stop words, a per-request error on any failure, and always the
 final flag. Replicas are chosen by least outstanding tokens from the routing table in the
-parameters prefill_models and decode_models.
+parameters prefill_models and decode_models (and routing_groups, which keeps a request on the
+replicas of one node group).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from backends.engine.errors import RequestError
 from backends.engine.tokenizer import load_tokenizer
 from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
-from backends.orchestrator.router import Router
+from backends.orchestrator.router import RoutingTable
 from backends.orchestrator.telemetry import latency_metrics
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,17 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         params, root = P.decoupled_model_parameters(args)
         self.tokenizer = load_tokenizer(P.resolve_model_dir(params, root))
-        prefill = Router([m.strip() for m in params.get("prefill_models", "prefill").split(",") if m.strip()])
-        decode = Router([m.strip() for m in params.get("decode_models", "decode").split(",") if m.strip()])
+        routes = RoutingTable.parse(
+            params.get("prefill_models", "prefill"),
+            params.get("decode_models", "decode"),
+            params.get("routing_groups", ""),
+        )
         self.leases = LeaseReleaser()
         timeouts = Timeouts(
             prefill_s=P.float_param(params, "prefill_timeout_seconds", Timeouts.prefill_s),
             decode_stall_s=P.float_param(params, "decode_stall_timeout_seconds", Timeouts.decode_stall_s),
         )
-        self.pipeline = Pipeline(self._call, prefill, decode, self.leases, timeouts)
+        self.pipeline = Pipeline(self._call, routes, self.leases, timeouts)
         # Each in-flight request holds a thread while it waits on BLS responses (the BLS response
         # iterator blocks), so the pool size is the number of concurrent requests served.
         self.pool = ThreadPoolExecutor(
@@ -77,7 +81,7 @@ class TritonPythonModel:
             "prefill": [s.name for s in PREFILL_OUTPUTS],
             "decode": [s.name for s in DECODE_OUTPUTS],
         }
-        self._prefill_models = set(prefill.models)
+        self._prefill_models = set(routes.prefill_models)
 
     def _call(self, model: str, inputs: dict[str, np.ndarray]) -> BLSResponses:
         kind = "prefill" if model in self._prefill_models else "decode"

@@ -21,7 +21,7 @@ import numpy as np
 from backends.common.client_stream import ClientStream
 from backends.engine.sampling import SamplingParams
 from backends.orchestrator.leases import LeaseReleaser
-from backends.orchestrator.router import Router
+from backends.orchestrator.router import RoutingTable
 
 Response = dict[str, np.ndarray]
 Call = Callable[[str, dict[str, np.ndarray]], Iterable[Response]]
@@ -90,14 +90,12 @@ class Pipeline:
     def __init__(
         self,
         call: Call,
-        prefill: Router,
-        decode: Router,
+        routes: RoutingTable,
         leases: LeaseReleaser,
         timeouts: Timeouts | None = None,
     ) -> None:
         self.call = call
-        self.prefill = prefill
-        self.decode = decode
+        self.routes = routes
         self.leases = leases
         self.timeouts = timeouts or Timeouts()
 
@@ -114,7 +112,8 @@ class Pipeline:
         # Prefill and decode must draw from the same random stream: fix the seed here.
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         common = {"input_ids": np.asarray(ids, dtype=np.int32), **sampling_tensors(params, seed)}
-        with self.prefill.route(len(ids)) as model:
+        prefill, decode = self.routes.pick()
+        with prefill.route(len(ids)) as model:
             first = self._first(watched(self.call(model, common), self.timeouts.prefill_s, "prefill"))
         token = int(np.asarray(first["first_token"]).reshape(-1)[0])
         handle = bytes(np.asarray(first["kv_handle"], dtype=object).reshape(-1)[0])
@@ -130,7 +129,7 @@ class Pipeline:
             "kv_handle": np.asarray([handle], dtype=object),
             "request_id": np.asarray([request_id.encode()], dtype=object),
         }
-        with self.decode.route(params.max_tokens - 1) as model:
+        with decode.route(params.max_tokens - 1) as model:
             for r in watched(self.call(model, inputs), self.timeouts.decode_stall_s, "decode"):
                 if stream.is_cancelled():
                     self._cancel(model, request_id)
