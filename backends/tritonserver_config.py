@@ -8,6 +8,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kv_transfer.memcpy_tuning import tuned_environment
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_INSTALL_DIR = REPO_ROOT / ".venv" / "triton"
 LOCALHOST = "127.0.0.1"
@@ -106,4 +108,4 @@ def server_environment(config: TritonServerConfig, base: dict[str, str] | None =
     env["PATH"] = os.pathsep.join(p for p in [str(config.stub_python_bin_dir), env.get("PATH", "")] if p)
     for var in ("PYTHONHOME", "VIRTUAL_ENV"):
         env.pop(var, None)
-    return env
+    return tuned_environment(env)  # the decode stubs copy KV blocks

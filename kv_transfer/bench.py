@@ -12,8 +12,10 @@ preallocated host arrays for shm and tcp; a torch device-to-device copy for cuda
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -24,6 +26,7 @@ from backends.engine.kv_cache import KVLayout, KVPool
 from kv_transfer.config import ReceiverConfig
 from kv_transfer.factory import create_receiver
 from kv_transfer.handle import KVHandle
+from kv_transfer.memcpy_tuning import is_tuned, tuned_environment
 from kv_transfer.peer import logical_kv, spawn_prefill_peer
 
 
@@ -79,7 +82,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--device", default=None, help="pool device (default: cuda for cuda_ipc and nccl, else cpu)"
     )
+    ap.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="run with glibc's default memcpy tuning (see kv_transfer/memcpy_tuning.py)",
+    )
     args = ap.parse_args(argv)
+    if not args.glibc_default and not is_tuned():
+        # Tunables are read at process start: run again with the serving stack's setting. The
+        # baseline copy runs in that same process, under the same setting.
+        cli = sys.argv[1:] if argv is None else argv
+        os.execve(
+            sys.executable, [sys.executable, "-m", "kv_transfer.bench", *cli], tuned_environment(os.environ)
+        )
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
 
     device = args.device or ("cuda" if args.transport in ("cuda_ipc", "nccl") else "cpu")
     prefill_device = device
