@@ -20,6 +20,7 @@ from client.api import (
     RequestTimeoutError,
     SamplingParams,
     StreamPiece,
+    collect,
 )
 from client.grpc_client import server_error
 from client.tensors import grpc_inputs, parse_grpc_result
@@ -58,14 +59,10 @@ class AsyncGrpcClient(AsyncClient):
         timeout_s: float | None = None,
     ) -> GenerateResult:
         start = time.perf_counter()
-        text: list[str] = []
-        ids: list[int] = []
-        reason, last = "", start
-        async for p in self._pieces(prompt, params or SamplingParams(), model, timeout_s, stream=False):
-            text.append(p.text)
-            ids.extend(p.token_ids)
-            reason, last = p.finish_reason or reason, p.arrival
-        return GenerateResult("".join(text), tuple(ids), reason, last - start)
+        pieces = [
+            p async for p in self._pieces(prompt, params or SamplingParams(), model, timeout_s, stream=False)
+        ]
+        return collect(iter(pieces), start)
 
     def stream(
         self,

@@ -22,7 +22,7 @@ from client.api import (
     StreamPiece,
 )
 from client.http_client import base_url, error_text
-from client.tensors import http_body, parse_http_event
+from client.tensors import http_body, http_result, parse_http_event
 
 
 class AsyncHttpClient(AsyncClient):
@@ -64,10 +64,7 @@ class AsyncHttpClient(AsyncClient):
         except aiohttp.ClientConnectionError as exc:
             raise ServerUnavailableError(f"server unavailable at {self.url}: {exc}") from None
         event = json.loads(raw)
-        if "error" in event:
-            raise ServerError(str(event["error"]), model)
-        text, ids, reason = parse_http_event(event)
-        return GenerateResult(text, ids, reason or "", time.perf_counter() - start)
+        return http_result(event, model, start)
 
     def _post(self, model: str, endpoint: str, body: dict[str, Any]) -> Any:
         return self._http().post(f"{self.url}/v2/models/{model}/{endpoint}", json=body)

@@ -26,7 +26,7 @@ from client.api import (
     ServerUnavailableError,
     StreamPiece,
 )
-from client.tensors import http_body, parse_http_event
+from client.tensors import http_body, http_result, parse_http_event
 
 DEFAULT_HTTP_TIMEOUT_S = 600.0
 
@@ -87,10 +87,7 @@ class HttpClient(Client):
                 event = json.loads(resp.read())
         except TimeoutError:
             raise RequestTimeoutError(f"no complete answer from {model} within {timeout_s} s") from None
-        if "error" in event:
-            raise ServerError(str(event["error"]), model)
-        text, ids, reason = parse_http_event(event)
-        return GenerateResult(text, ids, reason or "", time.perf_counter() - start)
+        return http_result(event, model, start)
 
     def stream(
         self,

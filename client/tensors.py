@@ -5,11 +5,12 @@ The names and types are those of backends/common/interface.py (CLIENT_INPUTS, CL
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
-from client.api import Prompt, SamplingParams, check_prompt
+from client.api import GenerateResult, Prompt, SamplingParams, ServerError, check_prompt
 
 
 def request_arrays(prompt: Prompt, params: SamplingParams, stream: bool) -> dict[str, np.ndarray]:
@@ -89,3 +90,11 @@ def parse_http_event(event: dict[str, Any]) -> tuple[str, tuple[int, ...], str |
 
 def _decode(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def http_result(event: dict[str, Any], model: str, start: float) -> GenerateResult:
+    """The GenerateResult of a /generate reply (ServerError if it carries an error)."""
+    if "error" in event:
+        raise ServerError(str(event["error"]), model)
+    text, ids, reason = parse_http_event(event)
+    return GenerateResult(text, ids, reason or "", time.perf_counter() - start)
