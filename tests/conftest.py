@@ -90,6 +90,8 @@ def random_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
         ),
         "qwen2": make_random_checkpoint(base / "qwen2", "qwen2"),
         "mistral": make_random_checkpoint(base / "mistral", "mistral"),
+        # a window shorter than the prompts, so attention is cut by it in prefill and decode
+        "mistral-window": make_random_checkpoint(base / "mistral-window", "mistral", sliding_window=8),
         # dynamic NTK scaling, generating past max_position_embeddings
         "llama-dynamic": make_random_checkpoint(
             base / "dynamic",

@@ -27,9 +27,16 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> lis
 
 
 def engine_greedy(
-    model_dir: Path, prompts: list[list[int]], new_tokens: int, block_size: int = 4
+    model_dir: Path,
+    prompts: list[list[int]],
+    new_tokens: int,
+    block_size: int = 4,
+    decode_attention: str = "auto",
 ) -> list[list[int]]:
-    engine = LLMEngine(EngineConfig(model_dir=str(model_dir), num_blocks=512, block_size=block_size))
+    config = EngineConfig(
+        model_dir=str(model_dir), num_blocks=512, block_size=block_size, decode_attention=decode_attention
+    )
+    engine = LLMEngine(config)
     seqs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens))
     assert engine.blocks.num_free == engine.blocks.num_blocks, "finished sequences must return their blocks"
     return [s.output_ids for s in seqs]
@@ -40,23 +47,29 @@ def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [[1, *torch.randint(3, vocab, (n - 1,), generator=g).tolist()] for n in lengths]
 
 
-def test_default_model_matches_transformers(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("decode_attention", ["dense", "paged"])
+def test_default_model_matches_transformers(tiny_model_dir: Path, decode_attention: str) -> None:
     from backends.engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     texts = ["The quick brown fox", "Once upon a time there was a harbor town", "Memory holds the data", "A"]
     prompts = [tok(t).input_ids for t in texts]
     assert len({len(p) for p in prompts}) == len(prompts), "prompts must differ in length"
-    ours = engine_greedy(tiny_model_dir, prompts, NEW_TOKENS, block_size=16)
+    ours = engine_greedy(
+        tiny_model_dir, prompts, NEW_TOKENS, block_size=16, decode_attention=decode_attention
+    )
     theirs = hf_greedy(tiny_model_dir, prompts, NEW_TOKENS)
     assert ours == theirs
     assert all(len(set(o)) > 5 for o in ours), "the default model must not repeat one token"
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-llama3", "qwen2", "mistral", "llama-tied"])
-def test_random_checkpoints_match_transformers(random_checkpoints: dict[str, Path], name: str) -> None:
+@pytest.mark.parametrize("decode_attention", ["dense", "paged"])
+@pytest.mark.parametrize("name", ["llama-gqa-llama3", "qwen2", "mistral", "mistral-window", "llama-tied"])
+def test_random_checkpoints_match_transformers(
+    random_checkpoints: dict[str, Path], name: str, decode_attention: str
+) -> None:
     prompts = _prompts(320, [5, 17, 2, 33, 9])
-    ours = engine_greedy(random_checkpoints[name], prompts, NEW_TOKENS)
+    ours = engine_greedy(random_checkpoints[name], prompts, NEW_TOKENS, decode_attention=decode_attention)
     theirs = hf_greedy(random_checkpoints[name], prompts, NEW_TOKENS)
     assert ours == theirs
 

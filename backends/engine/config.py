@@ -146,6 +146,11 @@ class EngineConfig:
     max_num_seqs: int = 64  # decode batch limit
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
+    # Decode attention reads K/V from "paged" (gathers the blocks every step) or "dense" (a
+    # DenseDecodeCache: one contiguous row per decoding sequence, loaded once, ~2x the decode
+    # batch's KV memory). "auto": dense on CPU, where the gather dominates a step; paged on CUDA,
+    # where KV memory is the scarce resource.
+    decode_attention: str = "auto"
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -158,5 +163,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.decode_attention not in ("auto", "dense", "paged"):
+            raise ValueError(f"decode_attention must be auto, dense or paged, got {self.decode_attention!r}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")

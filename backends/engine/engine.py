@@ -23,6 +23,7 @@ import torch
 
 from backends.engine.block_manager import BlockManager
 from backends.engine.config import EngineConfig, ModelConfig
+from backends.engine.decode_cache import DenseDecodeCache
 from backends.engine.errors import RequestError
 from backends.engine.kv_cache import DTYPES, KVLayout, KVPool
 from backends.engine.model import CausalLM, StepInput
@@ -77,6 +78,9 @@ class LLMEngine:
         self.model = model.eval()
         self.rotary = RotaryEmbedding(mc.rope, mc.head_dim, mc.max_position_embeddings, self.max_model_len)
         self.rotary.to(self.device)
+        mode = config.decode_attention
+        dense = mode == "dense" or (mode == "auto" and self.device.type == "cpu")
+        self.dense = DenseDecodeCache(pool, self.max_model_len) if dense else None
 
     # ---- validation ------------------------------------------------------------------------
 
@@ -137,28 +141,56 @@ class LLMEngine:
                 raise ValueError(f"sequence {seq.seq_id} has not been prefilled")
             while len(seq.block_table) < self.blocks.blocks_for(seq.num_tokens):
                 seq.block_table += self.blocks.allocate(1)
-        ctx = [s.num_tokens for s in seqs]
+        # The dense cache fixes the row (= batch position) of each sequence.
+        batch = self.dense.bind(seqs) if self.dense is not None else seqs
+        ctx = [s.num_tokens for s in batch]
         pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=self.device)
-        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, ctx, strict=True)]
-        width = max(self.blocks.blocks_for(n) for n in ctx)
-        tables = torch.tensor(
-            [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs],
-            dtype=torch.long,
-            device=self.device,
-        )
-        key_pos = torch.arange(width * bs, device=self.device)[None, :]
+        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(batch, ctx, strict=True)]
+        tables = None
+        if self.dense is None:
+            width = max(self.blocks.blocks_for(n) for n in ctx)
+            tables = torch.tensor(
+                [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch],
+                dtype=torch.long,
+                device=self.device,
+            )
+            keys = width * bs
+        else:
+            keys = max(ctx)
+        key_pos = torch.arange(keys, device=self.device)[None, :]
         ctx_t = torch.tensor(ctx, device=self.device)[:, None]
         mask = key_pos < ctx_t
         window = self.model_config.sliding_window
         if window is not None:
             mask &= key_pos > ctx_t - 1 - window
         cos, sin = self.rotary.cos_sin(pos, ctx_t[:, 0])
-        last = torch.arange(len(seqs), device=self.device)
+        mask = mask[:, None, None, :]
         step = StepInput(
-            pos, torch.tensor(slots, device=self.device), cos, sin, None, tables, mask[:, None, None, :], last
+            pos,
+            torch.tensor(slots, device=self.device),
+            cos,
+            sin,
+            None,
+            tables,
+            mask,
+            torch.arange(len(batch), device=self.device),
         )
-        logits = self.model(torch.tensor([s.last_token for s in seqs], device=self.device), step, self.pool)
-        return self._sample_and_append(seqs, logits)
+        if self.dense is not None:
+            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
+            step = step._replace(
+                dense_keys_t=self.dense.keys_t,
+                dense_values=self.dense.values,
+                key_bias=bias.masked_fill_(~mask, float("-inf")),
+            )
+        ids = torch.tensor([s.last_token for s in batch], device=self.device)
+        logits = self.model(ids, step, self.pool)
+        if self.dense is not None:
+            self.dense.advance()
+        tokens = self._sample_and_append(batch, logits)
+        if batch is seqs:
+            return tokens
+        by_id = {s.seq_id: t for s, t in zip(batch, tokens, strict=True)}
+        return [by_id[s.seq_id] for s in seqs]
 
     def adopt(self, seq: Sequence) -> list[int]:
         """Allocates the blocks that will receive a sequence's prompt KV from a prefill engine."""
@@ -168,6 +200,8 @@ class LLMEngine:
         return seq.block_table
 
     def free(self, seq: Sequence) -> None:
+        if self.dense is not None:
+            self.dense.drop(seq)
         if seq.block_table:
             self.blocks.free(seq.block_table)
             seq.block_table = []
