@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--url", help="gRPC HOST:PORT of a server already running the default deployment")
     ap.add_argument("--workload", default="synthetic:prompt=uniform(32,1024),output=uniform(16,96)")
     ap.add_argument("--rates", type=_rates, default=[1.0, 2.0, 3.0], help="req/s, comma-separated")
-    ap.add_argument("--num-requests", type=int, default=60, help="per rate")
+    ap.add_argument("--num-requests", type=int, default=100, help="per rate")
     ap.add_argument("--ttft", type=float, default=0.5, help="TTFT SLO, seconds")
     ap.add_argument("--tpot", type=float, default=0.03, help="TPOT SLO, seconds")
     ap.add_argument("--cv", type=float, default=1.0, help="arrival burstiness (1 = Poisson)")
