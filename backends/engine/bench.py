@@ -1,6 +1,7 @@
 """Prefill and decode throughput of the engine vs transformers on the same model, same run.
 
     python -m backends.engine.bench [--model DIR] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64]
+                                    [--decode-attention auto|dense|paged] [--repeats 3]
 
 Both sides get the same random prompts (equal lengths, so transformers needs no padding) and
 generate exactly --new-tokens tokens greedily (EOS ignored). Prefill throughput is prompt tokens
@@ -64,18 +65,26 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--decode-attention", default="auto", choices=["auto", "dense", "paged"])
     parser.add_argument("--repeats", type=int, default=3, help="best of N alternating runs per measurement")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     batches = [int(b) for b in args.batches.split(",")]
-    engine = LLMEngine(EngineConfig(model_dir=args.model, num_blocks=4096, max_num_seqs=max(batches)))
+    config = EngineConfig(
+        model_dir=args.model,
+        num_blocks=4096,
+        max_num_seqs=max(batches),
+        decode_attention=args.decode_attention,
+    )
+    engine = LLMEngine(config)
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     print(
-        f"model {args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {torch.get_num_threads()} threads"
+        f"model {args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads, decode attention {'dense' if engine.dense else 'paged'}"
     )
     print(
         f"{'batch':>5} | {'engine prefill':>14} {'hf prefill':>11} {'ratio':>6} | {'engine decode':>13} {'hf decode':>10} {'ratio':>6}  (tok/s)"
