@@ -38,6 +38,7 @@ class EngineParams:
     tp_size: int = 1
     pp_size: int = 1
     num_threads: int | None = None
+    decode_attention: str = "auto"  # auto | dense | paged (EngineConfig.decode_attention)
     kv_transport: str = "shm"
     kv_lease_seconds: float = 30.0
 
@@ -48,6 +49,10 @@ class EngineParams:
             raise PlannerError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise PlannerError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.decode_attention not in ("auto", "dense", "paged"):
+            raise PlannerError(
+                f"decode_attention must be auto, dense or paged, got {self.decode_attention!r}"
+            )
         if self.kv_transport not in KV_TRANSPORTS:
             raise PlannerError(f"kv_transport must be one of {KV_TRANSPORTS}, got {self.kv_transport!r}")
         positive = (
@@ -87,6 +92,7 @@ class EngineParams:
             "tp_size": str(self.tp_size),
             "pp_size": str(self.pp_size),
             "num_threads": opt(self.num_threads),
+            "decode_attention": self.decode_attention,
             "kv_transport": self.kv_transport,
             "kv_lease_seconds": f"{self.kv_lease_seconds:g}",
         }

@@ -70,7 +70,8 @@ def test_default_repository_follows_the_conventions(tmp_path: Path) -> None:
         eng["model_dir"] == "../models/tiny-llama" and eng["device"] == "cpu" and eng["max_model_len"] == ""
     )
     for key in ("dtype", "block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs", "tp_size",
-                "pp_size", "num_threads", "kv_transport", "kv_lease_seconds", "device_ids"):  # fmt: skip
+                "pp_size", "num_threads", "decode_attention", "kv_transport", "kv_lease_seconds",
+                "device_ids"):  # fmt: skip
         assert key in eng
 
 

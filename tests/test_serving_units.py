@@ -160,6 +160,11 @@ def test_engine_config_from_parameters(tiny_model_dir: Path) -> None:
         engine_config({"model_dir": "nowhere"}, root)
     with pytest.raises(ValueError, match="tp_size = 2: the built-in engine runs one device per replica"):
         engine_config({"model_dir": tiny_model_dir.name, "tp_size": "2"}, root)
+    assert cfg.decode_attention == "auto"
+    paged = engine_config({"model_dir": tiny_model_dir.name, "decode_attention": "paged"}, root)
+    assert paged.decode_attention == "paged"
+    with pytest.raises(ValueError, match="decode_attention must be auto, dense or paged"):
+        engine_config({"model_dir": tiny_model_dir.name, "decode_attention": "fast"}, root)
 
 
 def test_routing_groups_keep_a_request_in_one_group() -> None:

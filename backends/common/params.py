@@ -87,6 +87,7 @@ def engine_config(params: Mapping[str, str], repository_root: str | Path) -> Eng
         max_num_seqs=_int(params, "max_num_seqs", defaults.max_num_seqs) or defaults.max_num_seqs,
         max_model_len=_int(params, "max_model_len", None),
         num_threads=_int(params, "num_threads", None),
+        decode_attention=params.get("decode_attention", "") or defaults.decode_attention,
     )
 
 
