@@ -100,3 +100,34 @@ def test_dense_decodes_exactly_like_paged_under_continuous_batching(tiny_model_d
         outputs[mode] = [s.output_ids for s in seqs]
     assert outputs["dense"] == outputs["paged"]
     assert all(len(o) > 10 for o in outputs["dense"])
+
+
+def test_batches_over_the_memory_budget_decode_paged_and_come_back(tiny_model_dir: Path) -> None:
+    """The dense cache may not outgrow the pool: a batch that would decodes over the pool, and
+    sequences bound again afterwards are reloaded, with the same tokens as the paged engine."""
+    outputs = {}
+    for mode in ("dense", "paged"):
+        config = EngineConfig(
+            model_dir=str(tiny_model_dir), num_blocks=48, block_size=4, decode_attention=mode
+        )
+        engine = LLMEngine(config)  # a pool of 192 token slots
+        g = torch.Generator().manual_seed(9)
+        prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (30, 20, 10)]
+        seqs = [Sequence(p, SamplingParams(max_tokens=60, ignore_eos=True)) for p in prompts]
+        engine.prefill(seqs)
+        fell_back = False
+        for _ in range(40):
+            longest = max(s.num_tokens for s in seqs)
+            if engine.dense is not None and not engine.dense.fits(3, longest):
+                fell_back = True
+            engine.decode_step(seqs)
+        for seq in seqs[1:]:
+            engine.free(seq)
+        for _ in range(9):
+            engine.decode_step(seqs[:1])
+        if engine.dense is not None:
+            assert fell_back, "three rows padded to 128 tokens exceed 192 slots"
+            assert engine.dense.order == seqs[:1] and _row_matches_pool(engine, seqs[0])
+            assert engine.dense.rows * engine.dense.capacity <= 192
+        outputs[mode] = [s.output_ids for s in seqs]
+    assert outputs["dense"] == outputs["paged"]

@@ -147,8 +147,8 @@ class EngineConfig:
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
     # Decode attention reads K/V from "paged" (gathers the blocks every step) or "dense" (a
-    # DenseDecodeCache: one contiguous row per decoding sequence, loaded once, ~2x the decode
-    # batch's KV memory). "auto": dense on CPU, where the gather dominates a step; paged on CUDA,
+    # DenseDecodeCache: one contiguous row per decoding sequence, loaded once, taking up to the
+    # pool's size again). "auto": dense on CPU, where the gather dominates a step; paged on CUDA,
     # where KV memory is the scarce resource.
     decode_attention: str = "auto"
     extra: dict[str, str] = field(default_factory=dict, compare=False)

@@ -4,9 +4,14 @@ Decode attention straight over the paged pool must gather every block of every s
 layer at every step: on CPU that copy costs as much as the attention itself. DenseDecodeCache keeps
 each decoding sequence's K/V contiguous, one row per sequence: keys ``[layers, rows, kv_heads,
 head_dim, capacity]`` (transposed, so q @ K^T is a plain GEMM over contiguous memory, ~30% faster
-than SDPA here) and values ``[layers, rows, kv_heads, capacity, head_dim]``. A sequence is loaded from the pool once, when it joins the decode batch, and each step appends its
-new K/V in place. The pool stays the source of truth (every step writes K/V to both), so dropping
-a row loses nothing and the cache never has to be written back.
+than SDPA here) and values ``[layers, rows, kv_heads, capacity, head_dim]``. A sequence is loaded
+from the pool once, when it joins the decode batch, and each step appends its new K/V in place.
+The pool stays the source of truth (every step writes K/V to both), so dropping a row loses nothing
+and the cache never has to be written back.
+
+Every row is as long as the longest context, so the cache is bounded by ``max_bytes`` (the engine
+gives it the pool's size): ``fits`` says whether a batch can use it; one that cannot decodes over
+the paged pool, and rows that went stale meanwhile are reloaded when next bound.
 
 Invariant after ``bind(seqs)``: row i holds the K/V of ``order[i]`` for positions
 ``0 .. num_tokens - 2`` (everything the pool holds), and rows ``0 .. len(seqs) - 1`` are exactly
@@ -24,10 +29,13 @@ _CAPACITY_STEP = 64  # token capacity grows in multiples of this (and at least d
 
 
 class DenseDecodeCache:
-    def __init__(self, pool: KVPool, max_len: int, rows: int = 8) -> None:
+    def __init__(self, pool: KVPool, max_len: int, max_bytes: int, rows: int = 8) -> None:
         self.pool = pool
         self.max_len = max_len
+        self.max_bytes = max_bytes
         layout = pool.layout
+        # K and V of one token in every layer
+        self._token_bytes = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * layout.itemsize
         shape = (layout.num_layers, rows, layout.num_kv_heads, 0, layout.head_dim)
         self.values = torch.empty(shape, dtype=pool.tensor.dtype, device=pool.device)
         self.keys_t = self.values.transpose(3, 4)
@@ -43,8 +51,13 @@ class DenseDecodeCache:
     def rows(self) -> int:
         return int(self.values.shape[1])
 
+    def fits(self, rows: int, tokens: int) -> bool:
+        """Whether a batch of `rows` sequences, the longest of `tokens` tokens, stays in budget."""
+        return rows * _round_up(tokens) * self._token_bytes <= self.max_bytes
+
     def bind(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Makes rows 0..len(seqs)-1 hold exactly ``seqs``; returns them in row order."""
+        """Makes rows 0..len(seqs)-1 hold exactly ``seqs``; returns them in row order.
+        The batch must fit (see ``fits``)."""
         wanted = {s.seq_id for s in seqs}
         if len(wanted) != len(seqs):
             raise ValueError("a sequence appears twice in one decode batch")
@@ -104,13 +117,17 @@ class DenseDecodeCache:
         have_rows, have_cap = self.rows, self.capacity
         if rows <= have_rows and tokens <= have_cap:
             return
-        if tokens > self.max_len:
-            raise ValueError(f"sequence of {tokens} tokens exceeds max_len {self.max_len}")
-        new_rows = have_rows if rows <= have_rows else max(rows, 2 * have_rows)
-        new_cap = have_cap
-        if tokens > have_cap:
+        if tokens > self.max_len or not self.fits(rows, tokens):
+            raise ValueError(f"a batch of {rows} x {tokens} tokens does not fit the dense decode cache")
+        new_rows, new_cap = max(rows, have_rows), max(tokens, have_cap)
+        if not self.fits(new_rows, new_cap):
+            new_rows, new_cap = rows, tokens  # rows past `rows` are unused: bind dropped them
+        # Grow geometrically (fewer reallocations) where the budget allows.
+        if rows > have_rows and self.fits(max(rows, 2 * have_rows), new_cap):
+            new_rows = max(rows, 2 * have_rows)
+        if tokens > have_cap and self.fits(new_rows, max(tokens, 2 * have_cap)):
             new_cap = max(tokens, 2 * have_cap)
-            new_cap = min(-(-new_cap // _CAPACITY_STEP) * _CAPACITY_STEP, self.max_len)
+        new_cap = min(_round_up(new_cap), self.max_len)
         layers, _, heads, _, dim = self.values.shape
         # Zeros, not empty: positions past a row's length are masked by adding -inf to their
         # scores, which only works if they hold finite numbers (stale K/V is fine, NaN is not).
@@ -122,3 +139,7 @@ class DenseDecodeCache:
             keys_t[:, :used, :, :, :n] = self.keys_t[:, :used, :, :, :n]
             values[:, :used, :, :n] = self.values[:, :used, :, :n]
         self.values, self.keys_t = values, keys_t
+
+
+def _round_up(tokens: int) -> int:
+    return -(-tokens // _CAPACITY_STEP) * _CAPACITY_STEP

@@ -80,7 +80,9 @@ class LLMEngine:
         self.rotary.to(self.device)
         mode = config.decode_attention
         dense = mode == "dense" or (mode == "auto" and self.device.type == "cpu")
-        self.dense = DenseDecodeCache(pool, self.max_model_len) if dense else None
+        # The dense cache may take as much memory as the pool itself, no more.
+        pool_bytes = pool.tensor.numel() * pool.tensor.element_size()
+        self.dense = DenseDecodeCache(pool, self.max_model_len, pool_bytes) if dense else None
 
     # ---- validation ------------------------------------------------------------------------
 
@@ -141,13 +143,17 @@ class LLMEngine:
                 raise ValueError(f"sequence {seq.seq_id} has not been prefilled")
             while len(seq.block_table) < self.blocks.blocks_for(seq.num_tokens):
                 seq.block_table += self.blocks.allocate(1)
-        # The dense cache fixes the row (= batch position) of each sequence.
-        batch = self.dense.bind(seqs) if self.dense is not None else seqs
+        # The dense cache fixes the row (= batch position) of each sequence; a batch too large
+        # for it decodes over the paged pool.
+        dense = self.dense
+        if dense is not None and not dense.fits(len(seqs), max(s.num_tokens for s in seqs)):
+            dense = None
+        batch = dense.bind(seqs) if dense is not None else seqs
         ctx = [s.num_tokens for s in batch]
         pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=self.device)
         slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(batch, ctx, strict=True)]
         tables = None
-        if self.dense is None:
+        if dense is None:
             width = max(self.blocks.blocks_for(n) for n in ctx)
             tables = torch.tensor(
                 [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch],
@@ -175,17 +181,17 @@ class LLMEngine:
             mask,
             torch.arange(len(batch), device=self.device),
         )
-        if self.dense is not None:
+        if dense is not None:
             bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
             step = step._replace(
-                dense_keys_t=self.dense.keys_t,
-                dense_values=self.dense.values,
+                dense_keys_t=dense.keys_t,
+                dense_values=dense.values,
                 key_bias=bias.masked_fill_(~mask, float("-inf")),
             )
         ids = torch.tensor([s.last_token for s in batch], device=self.device)
         logits = self.model(ids, step, self.pool)
-        if self.dense is not None:
-            self.dense.advance()
+        if dense is not None:
+            dense.advance()
         tokens = self._sample_and_append(batch, logits)
         if batch is seqs:
             return tokens
