@@ -46,10 +46,15 @@ class SimResult(NamedTuple):
             ok &= self.ttft[w] <= ttft_slo
         if tpot_slo is not None:
             ok &= self.tpot[w] <= tpot_slo
-        m = len(ok)
-        value = float(ok.mean()) if m else 0.0
-        if m < 2 * CI_BATCHES:
-            return Attainment(value, 0.0, 1.0, m)
-        means = np.array([b.mean() for b in np.array_split(ok, CI_BATCHES)])
-        half = float(stats.t.ppf(0.975, CI_BATCHES - 1) * means.std(ddof=1) / np.sqrt(CI_BATCHES))
-        return Attainment(value, max(0.0, value - half), min(1.0, value + half), m)
+        return fraction_with_ci(ok)
+
+
+def fraction_with_ci(ok: np.ndarray) -> Attainment:
+    """Fraction of True in `ok` (requests in arrival order) with a 95% batch-means interval."""
+    m = len(ok)
+    value = float(ok.mean()) if m else 0.0
+    if m < 2 * CI_BATCHES:
+        return Attainment(value, 0.0, 1.0, m)
+    means = np.array([b.mean() for b in np.array_split(ok, CI_BATCHES)])
+    half = float(stats.t.ppf(0.975, CI_BATCHES - 1) * means.std(ddof=1) / np.sqrt(CI_BATCHES))
+    return Attainment(value, max(0.0, value - half), min(1.0, value + half), m)

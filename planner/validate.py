@@ -35,6 +35,7 @@ from planner.latency import PhaseLatency
 from planner.model_spec import from_hf_config
 from planner.profile import TpProfile, load_profile, save_profile
 from planner.profiler import ProfileGrid, build_profile, measure
+from planner.sim_stats import fraction_with_ci
 from planner.simulator import Instance, SimConfig, simulate
 
 # The shapes the default workload reaches: prompts up to ~1k tokens, decode batches up to ~32.
@@ -192,9 +193,14 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             share = cpu.slowdown
             shared = predict(scaled(served, share), engine, prompts, outputs, times, check)
             meas = summarize(res.records, rate, res.duration_s, check.ttft, check.tpot)
+            ok = np.array(
+                [r.error is None and r.ttft <= check.ttft and r.tpot <= check.tpot for r in res.records]
+            )
+            ci = fraction_with_ci(ok)  # how far the measurement itself can be trusted
             row = {
                 "rate": rate,
                 "predicted": pred.attainment,
+                "measured_ci95": [ci.ci_low, ci.ci_high],
                 "predicted_engine_only": raw.attainment,
                 "measured": meas["attainment"],
                 "difference_points": 100.0 * (pred.attainment - meas["attainment"]),
@@ -227,14 +233,15 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "| rate (req/s) | predicted attainment | measured attainment | difference (points) "
+        "| rate (req/s) | predicted attainment | measured attainment (95% CI) | difference (points) "
         "| engine-only prediction | other processes' load (cores) | at measured CPU share |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        low, high = r["measured_ci95"]
         lines.append(
-            f"| {r['rate']:g} | {r['predicted']:.3f} | {r['measured']:.3f} | {r['difference_points']:+.1f} "
-            f"| {r['predicted_engine_only']:.3f} | {r['cpu']['cores_others']:.2f} "
+            f"| {r['rate']:g} | {r['predicted']:.3f} | {r['measured']:.3f} ({low:.3f}-{high:.3f}) "
+            f"| {r['difference_points']:+.1f} | {r['predicted_engine_only']:.3f} | {r['cpu']['cores_others']:.2f} "
             f"| {r['predicted_at_measured_cpu_share']:.3f} (x{r['cpu_slowdown']:.2f}) |"
         )
     return "\n".join(lines)

@@ -28,6 +28,8 @@ def test_validate_tiny_run(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.
     (row,) = report["rows"]
     assert row["rate"] == 4.0
     assert 0.0 <= row["measured"] <= 1.0
+    low, high = row["measured_ci95"]
+    assert 0.0 <= low <= row["measured"] <= high <= 1.0
     assert isinstance(row["predicted"], float) and 0.0 <= row["predicted"] <= 1.0
     assert math.isclose(row["difference_points"], 100 * (row["predicted"] - row["measured"]))
     meas = row["measurement"]
