@@ -28,7 +28,6 @@ from kv_transfer.control import Handler, Header
 from kv_transfer.errors import KVProtocolError
 from kv_transfer.handle import KVHandle, ShardRef
 from kv_transfer.reshard import ShardPlan
-from kv_transfer.tcp import shard_layout
 
 
 def _require_cuda(pool: KVPool, side: str) -> None:
@@ -158,7 +157,7 @@ class CudaIpcReceiver(KVReceiver):
         with self._import_lock:
             src = self._imported.get(key)
             if src is None:
-                layout = shard_layout(handle)
+                layout = handle.shard_layout
                 export = self._request(shard, "export")
                 src = import_pool(export, layout.pool_shape(shard.pool_blocks), layout.torch_dtype)
                 self._imported[key] = src
@@ -176,7 +175,7 @@ class CudaIpcReceiver(KVReceiver):
         src = self._source(handle, shard)
         torch.cuda.set_device(self.pool.device)
         copy_blocks_cuda(src, shard.block_ids, self.pool.tensor, dst_ids, plan)
-        nbytes = shard_layout(handle).bytes_per_block * handle.num_blocks
+        nbytes = handle.shard_layout.bytes_per_block * handle.num_blocks
         if self.config.verify_checksum and shard.checksum is not None:
             # Optional on GPU: the hash runs on the host, so this costs a device-to-host copy.
             packed = src.index_select(2, torch.as_tensor(shard.block_ids, device=src.device)).cpu()

@@ -100,6 +100,11 @@ class KVHandle:
         _validate(self)
 
     @property
+    def shard_layout(self) -> KVLayout:
+        """The layout of each shard's pool (one prefill TP rank's KV heads)."""
+        return self.layout.tp_shard(self.tp_size)
+
+    @property
     def complete(self) -> bool:
         """True when the handle has one shard per prefill TP rank (a pull needs that)."""
         return len(self.shards) == self.tp_size

@@ -31,7 +31,6 @@ from kv_transfer.control import Handler, Header, send_header
 from kv_transfer.errors import KVProtocolError, KVTransferError
 from kv_transfer.handle import KVHandle, ShardRef
 from kv_transfer.reshard import ShardPlan, place
-from kv_transfer.tcp import shard_layout
 
 _PAIR_CHARS = set("0123456789abcdef")
 
@@ -216,7 +215,7 @@ class NcclReceiver(KVReceiver):
         dst_ids: list[int],
         on_progress: ProgressFn | None,
     ) -> tuple[int, bool]:
-        layout = shard_layout(handle)
+        layout = handle.shard_layout
         n = handle.num_blocks
         total = layout.bytes_per_block * n
         pair = self._pair(shard)

@@ -57,9 +57,7 @@ class _Sender:
     def __init__(self, spec: dict[str, Any]) -> None:
         total = KVLayout(**spec["layout"])
         tp_size, tp_rank = spec.get("tp_size", 1), spec.get("tp_rank", 0)
-        local = KVLayout(
-            total.num_layers, total.num_kv_heads // tp_size, total.head_dim, total.block_size, total.dtype
-        )
+        local = total.tp_shard(tp_size)
         n = spec["num_blocks"]
         device = spec.get("device", "cpu")
         self.pool: KVPool = (

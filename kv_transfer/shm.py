@@ -81,10 +81,7 @@ class ShmReceiver(KVReceiver):
         on_progress: ProgressFn | None,
     ) -> tuple[int, bool]:
         self._request(shard, "begin")
-        lay = handle.layout
-        shard_layout = KVLayout(
-            lay.num_layers, lay.num_kv_heads // handle.tp_size, lay.head_dim, lay.block_size, lay.dtype
-        )
+        shard_layout = handle.shard_layout
         src = self._source(shard, shard_layout)
         src_ids = shard.block_ids
         want = self.config.verify_checksum and shard.checksum is not None

@@ -18,7 +18,7 @@ import torch
 import xxhash
 
 from backends.engine.block_manager import BlockManager
-from backends.engine.kv_cache import KVLayout, KVPool
+from backends.engine.kv_cache import KVPool
 from kv_transfer.base import KVReceiver, KVSender, ProgressFn, _lease_id
 from kv_transfer.blockcopy import combine_digests, matched_runs, planes_u8
 from kv_transfer.config import ReceiverConfig, SenderConfig
@@ -27,13 +27,6 @@ from kv_transfer.errors import KVProtocolError
 from kv_transfer.handle import KVHandle, ShardRef
 from kv_transfer.reshard import ShardPlan, place
 from kv_transfer.shm import require_cpu_pool
-
-
-def shard_layout(handle: KVHandle) -> KVLayout:
-    lay = handle.layout
-    return KVLayout(
-        lay.num_layers, lay.num_kv_heads // handle.tp_size, lay.head_dim, lay.block_size, lay.dtype
-    )
 
 
 class TcpSender(KVSender):
@@ -100,7 +93,7 @@ class TcpReceiver(KVReceiver):
         dst_ids: list[int],
         on_progress: ProgressFn | None,
     ) -> tuple[int, bool]:
-        layout = shard_layout(handle)
+        layout = handle.shard_layout
         n = handle.num_blocks
         total = layout.bytes_per_block * n
         want = self.config.verify_checksum and shard.checksum is not None

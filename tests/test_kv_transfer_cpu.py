@@ -108,7 +108,7 @@ TOTAL = KVLayout(num_layers=2, num_kv_heads=4, head_dim=8, block_size=4, dtype="
 
 
 def rank_layout(tp: int) -> KVLayout:
-    return KVLayout(TOTAL.num_layers, TOTAL.num_kv_heads // tp, TOTAL.head_dim, TOTAL.block_size, TOTAL.dtype)
+    return TOTAL.tp_shard(tp)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

@@ -66,6 +66,13 @@ class KVLayout:
     def bytes_per_token(self) -> int:
         return self.bytes_per_block // self.block_size
 
+    def tp_shard(self, tp_size: int) -> KVLayout:
+        """The layout each of `tp_size` tensor-parallel ranks holds (its share of the KV heads)."""
+        if tp_size < 1 or self.num_kv_heads % tp_size:
+            raise ValueError(f"{self.num_kv_heads} KV heads do not split over tp_size {tp_size}")
+        heads = self.num_kv_heads // tp_size
+        return KVLayout(self.num_layers, heads, self.head_dim, self.block_size, self.dtype)
+
     def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
         return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
 
