@@ -104,8 +104,7 @@ class DenseDecodeCache:
             raise ValueError(f"sequence {seq.seq_id} has {len(blocks)} blocks for {n} tokens of KV")
         row = len(self.order)
         if n:
-            index = torch.tensor(blocks, dtype=torch.long, device=self.pool.device)
-            kv = self.pool.tensor.index_select(2, index)  # [L, 2, nb, bs, kvH, D]
+            kv = self.pool.gather(blocks)  # [L, 2, nb, bs, kvH, D]
             kv = kv.flatten(2, 3)[:, :, :n].transpose(2, 3)  # [L, 2, kvH, n, D]
             self.keys_t[:, row, :, :, :n] = kv[:, 0].transpose(2, 3)
             self.values[:, row, :, :n] = kv[:, 1]
