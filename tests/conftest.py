@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from backends.launcher import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "tiny-llama"
@@ -19,6 +24,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test that used a tritonserver gets the server's log tail in its report (stub
+    tracebacks and crashes land there): without it a hang in CI shows only the client's side."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, TritonServer):
+            report.sections.append((f"tritonserver log {value.log_path}", value.log_tail(120)))
+            report.sections.append(("python stacks of the server's models", _stub_stacks(value)))
+
+
+def _stub_stacks(server: TritonServer) -> str:
+    """What every python-backend stub of `server` is doing (a hang shows where it waits)."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    if not py_spy.exists() or not server.is_running():
+        return "(py-spy not installed or server not running)"
+    children = subprocess.run(
+        ["pgrep", "-P", str(server.pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    out = []
+    for pid in children:
+        dump = subprocess.run(
+            [str(py_spy), "dump", "--pid", pid], capture_output=True, text=True, timeout=60, check=False
+        )
+        out.append(dump.stdout or dump.stderr)
+    return "\n".join(out)
 
 
 @pytest.fixture(scope="session")

@@ -72,6 +72,7 @@ def stream_many(
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result=None, error=None: results.put((result, error)))
     state: dict[str, dict[str, Any]] = {}
+    ok = False
     try:
         for i, inputs in enumerate(requests):
             state[str(i)] = {"ids": [], "text": "", "reason": "", "n": 0, "error": None, "done": False}
@@ -91,8 +92,10 @@ def stream_many(
                 s["n"] += 1
             if result.get_response().parameters["triton_final_response"].bool_param:
                 s["done"] = True
+        ok = True
     finally:
-        client.stop_stream()
+        # After a failure, cancel what is still open: a plain stop waits for every request to end.
+        client.stop_stream(cancel_requests=not ok)
         client.close()
     return [StreamResult(s["ids"], s["text"], s["reason"], s["n"], s["error"]) for s in state.values()]
 
