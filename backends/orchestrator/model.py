@@ -43,13 +43,18 @@ class BLSResponses:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for response in self._it:
-            if response.has_error():  # raised by Triton itself (e.g. the callee's stub died)
-                raise PhaseError(response.error().message())
-            out = {}
-            for name in self._names:
-                tensor = pb_utils.get_output_tensor_by_name(response, name)
-                if tensor is not None:
-                    out[name] = tensor.as_numpy()
+            # Reading a response, and dropping it (which frees its shared memory), are stub calls
+            # like any other: under PB_LOCK, with the arrays copied out before the response goes.
+            with PB_LOCK:
+                error = response.error().message() if response.has_error() else None
+                out = {}
+                for name in self._names:
+                    tensor = pb_utils.get_output_tensor_by_name(response, name)
+                    if tensor is not None:
+                        out[name] = np.array(tensor.as_numpy(), copy=True)
+                tensor = response = None
+            if error is not None:  # raised by Triton itself (e.g. the callee's stub died)
+                raise PhaseError(error)
             if out:
                 yield out
 
