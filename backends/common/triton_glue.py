@@ -42,17 +42,6 @@ class TritonSink:
         tensors = [pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in outputs.items()]
         self._send(pb_utils.InferenceResponse(output_tensors=tensors), final)
 
-    def acknowledge(self) -> None:
-        """Sends an empty, non-final response: "accepted".
-
-        A decoupled BLS exec() (2.51) returns only when the callee's first response arrives, and
-        the orchestrator calls it under PB_LOCK. Without an immediate first response each call
-        would hold the lock for a whole prefill: the orchestrator's calls ran one at a time
-        (prefill batches of one request, token streaming paused meanwhile), and a prefill
-        waiting for leased blocks waited on the decode calls queued behind it.
-        """
-        self._send(pb_utils.InferenceResponse(output_tensors=[]), final=False)
-
     def error(self, message: str) -> None:
         if self._inband:  # for models called through BLS (see interface.ERROR_OUTPUT)
             self.send(error_outputs(message), final=True)
