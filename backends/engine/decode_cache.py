@@ -34,8 +34,6 @@ class DenseDecodeCache:
         self.max_len = max_len
         self.max_bytes = max_bytes
         layout = pool.layout
-        # K and V of one token in every layer
-        self._token_bytes = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * layout.itemsize
         shape = (layout.num_layers, rows, layout.num_kv_heads, 0, layout.head_dim)
         self.values = torch.empty(shape, dtype=pool.tensor.dtype, device=pool.device)
         self.keys_t = self.values.transpose(3, 4)
@@ -53,7 +51,7 @@ class DenseDecodeCache:
 
     def fits(self, rows: int, tokens: int) -> bool:
         """Whether a batch of `rows` sequences, the longest of `tokens` tokens, stays in budget."""
-        return rows * _round_up(tokens) * self._token_bytes <= self.max_bytes
+        return rows * _round_up(tokens) * self.pool.layout.bytes_per_token <= self.max_bytes
 
     def bind(self, seqs: list[Sequence]) -> list[Sequence]:
         """Makes rows 0..len(seqs)-1 hold exactly ``seqs``; returns them in row order.

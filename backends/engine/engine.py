@@ -81,8 +81,7 @@ class LLMEngine:
         mode = config.decode_attention
         dense = mode == "dense" or (mode == "auto" and self.device.type == "cpu")
         # The dense cache may take as much memory as the pool itself, no more.
-        pool_bytes = pool.tensor.numel() * pool.tensor.element_size()
-        self.dense = DenseDecodeCache(pool, self.max_model_len, pool_bytes) if dense else None
+        self.dense = DenseDecodeCache(pool, self.max_model_len, pool.tensor.nbytes) if dense else None
 
     # ---- validation ------------------------------------------------------------------------
 
