@@ -73,10 +73,17 @@ def _all_blocks_free(server: TritonServer, timeout: float = 10.0) -> dict[str, f
         time.sleep(0.2)
 
 
+def _prefill_batches(server: TritonServer) -> float:
+    return sum(metric_values(metrics(server.metrics_url), "disagg_prefill_batch_tokens_count"))
+
+
 def test_sixteen_streams_match_colocated_and_transformers(server: TritonServer, tiny_model_dir: Path) -> None:
     cases = [(PROMPTS[i % len(PROMPTS)], 8 + 5 * i) for i in range(16)]
     requests = [client_inputs(p, n) for p, n in cases]
+    batches_before = _prefill_batches(server)
     disagg = stream_many(server.grpc_url, "orchestrator", requests)
+    # Requests that arrive together are prefilled together: the orchestrator's calls overlap.
+    assert _prefill_batches(server) - batches_before < len(cases)
     coloc = stream_many(server.grpc_url, "colocated", requests)
     for (prompt, n), d, c in zip(cases, disagg, coloc, strict=True):
         assert d.error is None and c.error is None

@@ -49,6 +49,8 @@ PREFILL_INPUTS = (
 # message in error_message.
 ERROR_OUTPUT = TensorSpec("error_message", "TYPE_STRING", (1,))
 
+# Prefill and decode answer every request they accept at once with an empty response (no output
+# tensors), then with their results (TritonSink.acknowledge says why).
 PREFILL_OUTPUTS = (
     TensorSpec("first_token", "TYPE_INT32", (1,)),
     TensorSpec("kv_handle", "TYPE_STRING", (1,)),

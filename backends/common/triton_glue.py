@@ -16,14 +16,10 @@ import triton_python_backend_utils as pb_utils
 
 from backends.common.interface import TensorSpec
 from backends.common.sink import Outputs, error_outputs
+from backends.common.stub_lock import PB_LOCK
 
 log = logging.getLogger(__name__)
 
-# The 2.51 stub's message queue to the server is not safe for concurrent use: responses sent and
-# BLS requests started from several threads at once corrupt it (the server then aborts). Every
-# such call in this process takes this lock; none of them blocks for long. Reentrant: execute()
-# holds it while it may send error responses.
-PB_LOCK = threading.RLock()
 CANCEL_POLL_S = 0.05
 
 
@@ -41,6 +37,17 @@ class TritonSink:
     def send(self, outputs: Outputs, final: bool) -> None:
         tensors = [pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in outputs.items()]
         self._send(pb_utils.InferenceResponse(output_tensors=tensors), final)
+
+    def acknowledge(self) -> None:
+        """Sends an empty, non-final response: "accepted".
+
+        A decoupled BLS exec() (2.51) returns only when the callee's first response arrives, and
+        the orchestrator calls it under PB_LOCK. Without an immediate first response each call
+        would hold the lock for a whole prefill: the orchestrator's calls ran one at a time
+        (prefill batches of one request, token streaming paused meanwhile), and a prefill
+        waiting for leased blocks waited on the decode calls queued behind it.
+        """
+        self._send(pb_utils.InferenceResponse(output_tensors=[]), final=False)
 
     def error(self, message: str) -> None:
         if self._inband:  # for models called through BLS (see interface.ERROR_OUTPUT)

@@ -90,6 +90,7 @@ class TritonPythonModel:
             except (RequestError, KVHandleError) as e:
                 sink.error(str(e))
                 continue
+            sink.acknowledge()
             self.worker.submit(DecodeJob(seq, handle, sink))
 
     def finalize(self) -> None:

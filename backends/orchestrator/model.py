@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,37 +25,13 @@ from backends.common.requests import parse_client_request, prompt_ids
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
 from backends.engine.errors import RequestError
 from backends.engine.tokenizer import load_tokenizer
+from backends.orchestrator.bls import BLSResponses, RetiredIterators
 from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import RoutingTable
 from backends.orchestrator.telemetry import latency_metrics
 
 log = logging.getLogger(__name__)
-
-
-class BLSResponses:
-    """Iterates a decoupled BLS call's responses as dicts of numpy arrays."""
-
-    def __init__(self, iterator: Any, names: list[str]) -> None:
-        self._it = iterator
-        self._names = names
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for response in self._it:
-            # Reading a response, and dropping it (which frees its shared memory), are stub calls
-            # like any other: under PB_LOCK, with the arrays copied out before the response goes.
-            with PB_LOCK:
-                error = response.error().message() if response.has_error() else None
-                out = {}
-                for name in self._names:
-                    tensor = pb_utils.get_output_tensor_by_name(response, name)
-                    if tensor is not None:
-                        out[name] = np.array(tensor.as_numpy(), copy=True)
-                tensor = response = None
-            if error is not None:  # raised by Triton itself (e.g. the callee's stub died)
-                raise PhaseError(error)
-            if out:
-                yield out
 
 
 class TritonPythonModel:
@@ -69,6 +44,7 @@ class TritonPythonModel:
             params.get("routing_groups", ""),
         )
         self.leases = LeaseReleaser()
+        self.retired = RetiredIterators()
         timeouts = Timeouts(
             prefill_s=P.float_param(params, "prefill_timeout_seconds", Timeouts.prefill_s),
             decode_stall_s=P.float_param(params, "decode_stall_timeout_seconds", Timeouts.decode_stall_s),
@@ -98,7 +74,7 @@ class TritonPythonModel:
         )
         with PB_LOCK:
             iterator = request.exec(decoupled=True)
-        return BLSResponses(iterator, names)
+        return BLSResponses(iterator, names, self.retired, PhaseError)
 
     def execute(self, requests: list[Any]) -> None:
         arrived = time.perf_counter()  # before the lock: waiting for it is part of TTFT
@@ -120,3 +96,4 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.leases.close()
+        self.retired.clear()

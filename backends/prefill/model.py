@@ -83,6 +83,7 @@ class TritonPythonModel:
             except RequestError as e:
                 sink.error(str(e))
                 continue
+            sink.acknowledge()
             self.worker.submit(PrefillJob(seq, sink))
 
     def finalize(self) -> None:
