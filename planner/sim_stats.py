@@ -24,12 +24,14 @@ class Attainment(NamedTuple):
 
 
 class SimResult(NamedTuple):
-    """Per-request results of a simulation (seconds); `completions` counts finishes per request."""
+    """Per-request results of a simulation (seconds); `completions` counts finishes per request;
+    `busy_s` the compute time of the prefill (first) and decode (or colocated step) instances."""
 
     ttft: np.ndarray
     tpot: np.ndarray
     finish: np.ndarray
     completions: np.ndarray
+    busy_s: tuple[float, float] = (0.0, 0.0)
 
     def window(self) -> slice:
         n = len(self.ttft)

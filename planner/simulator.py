@@ -192,6 +192,7 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
     heap: list[tuple[float, int, int, _Inst | None, object]] = []
     seq = 0
     rr_next = [0, 0]
+    busy = [0.0, 0.0]  # seconds the instances spent computing: prefill (stage time), decode steps
 
     def push(t: float, kind: int, inst: _Inst | None, arg: object) -> None:
         nonlocal seq
@@ -214,6 +215,7 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
             tokens += ln
             sq += ln * ln
         dt = p.spec.latency.prefill_stage(tokens, sq)
+        busy[0] += dt * len(p.stage_free)
         s = t
         free = p.stage_free
         for k in range(len(free)):
@@ -292,6 +294,7 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
 
     def step_done(d: _Inst, lane: _Lane, t: float) -> bool:
         k = lane.k
+        busy[1] += t - lane.t0
         lane.k = 0
         lane.step += k
         lane.sum_ctx += lane.count * k
@@ -329,6 +332,7 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
                 sq += ln * ln
             c.queued -= tokens
             lat = c.spec.latency
+            busy[0] += lat.prefill_full(tokens, sq)
             lane.running = True
             lane.k = 0
             push(
@@ -458,4 +462,4 @@ def simulate(cfg: SimConfig, arrivals: np.ndarray, prompts: np.ndarray, outputs:
     tpot = np.where(out > 1, (fin_arr - first_arr) / np.maximum(out - 1, 1), 0.0)
     if prefill_only:
         tpot = np.zeros(n)
-    return SimResult(np.array(ttft), tpot, fin_arr, np.array(done, dtype=np.int64))
+    return SimResult(np.array(ttft), tpot, fin_arr, np.array(done, dtype=np.int64), (busy[0], busy[1]))

@@ -1,6 +1,6 @@
 """Real-system check of the planner: predicted vs measured SLO attainment on this machine.
 
-    python -m planner.validate --model models/tiny-llama [--rates 1,2,3] [--out DIR]
+    python -m planner.validate --model models/tiny-llama [--rates 2,4,6] [--out DIR]
 
 1. profile the engine on CPU with num_threads=1 (how each Triton model process runs it), or take
    --profile;
@@ -11,7 +11,11 @@
 4. measure: the client benchmark's open-loop streaming run at each rate against the server;
 5. print rate | predicted | measured | difference (points) and write validation.json.
 
-The prediction is given twice: from the engine profile alone and with the measured overheads."""
+Between 2 and 3, when the server was started here, two load probes (--probe-rates, other requests
+of the same workload) measure the host's CPU contention (planner.host_cpu): on a CPU host every
+process of the deployment, and the load generator, share the cores, and every phase slows down as
+the host fills. The prediction is that of the simulator with every latency scaled by that
+slowdown; validation.json also has it without contention and from the engine profile alone."""
 
 from __future__ import annotations
 
@@ -23,20 +27,21 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from planner import PlannerError
 from planner.calibration import NO_OVERHEAD, CalibrationPlan, calibrate, with_overheads
+from planner.check_predict import ProbeRun, predict, predict_contended, probe_host
 from planner.cpu_usage import snapshot, usage
-from planner.deployment import EngineParams, default_deployment
+from planner.deployment import default_deployment
+from planner.host_cpu import NO_CONTENTION, HostCpu
 from planner.latency import PhaseLatency
 from planner.model_spec import from_hf_config
 from planner.profile import TpProfile, load_profile, save_profile
 from planner.profiler import ProfileGrid, build_profile, measure
 from planner.sim_stats import fraction_with_ci
-from planner.simulator import Instance, SimConfig, simulate
 
 # The shapes the default workload reaches: prompts up to ~1k tokens, decode batches up to ~32.
 VALIDATION_GRID = ProfileGrid(
@@ -74,47 +79,6 @@ class Check:
 QUICK_CALIBRATION = CalibrationPlan(
     prefill_lens=(32, 256), decode_batches=(1, 8), decode_tokens=17, repeats=1
 )
-
-
-class Prediction(NamedTuple):
-    attainment: float
-    ttft_attainment: float
-    tpot_attainment: float
-    ttft_mean: float
-    tpot_mean: float
-
-
-def predict(
-    tp: TpProfile,
-    engine: EngineParams,
-    prompts: np.ndarray,
-    outputs: np.ndarray,
-    times: np.ndarray,
-    check: Check,
-) -> Prediction:
-    """Simulate one prefill and one decode instance (the engine limits of `engine`) on these
-    requests; attainment over all of them, as the benchmark counts it (no warm-up window)."""
-    lat = PhaseLatency(1, 1, tp, hop_ms=0.0)  # no pipeline: one process per phase
-    cfg = SimConfig(
-        prefill=(Instance(lat, max_batch=engine.max_num_seqs),),
-        decode=(Instance(lat, engine.num_blocks * engine.block_size, engine.max_num_seqs),),
-        token_budget=engine.max_num_batched_tokens,
-    )
-    res = simulate(cfg, times, prompts, outputs)
-    ok_t, ok_o = res.ttft <= check.ttft, res.tpot <= check.tpot
-    return Prediction(
-        float((ok_t & ok_o).mean()), float(ok_t.mean()), float(ok_o.mean()), float(res.ttft.mean()),
-        float(res.tpot.mean()),
-    )  # fmt: skip
-
-
-def scaled(tp: TpProfile, factor: float) -> TpProfile:
-    """Every latency of the profile multiplied by `factor` (a slower share of the CPU)."""
-
-    def mul(c: tuple[float, float, float]) -> tuple[float, float, float]:
-        return (c[0] * factor, c[1] * factor, c[2] * factor)
-
-    return TpProfile(mul(tp.prefill), mul(tp.decode_small), mul(tp.decode_large), tp.threshold)
 
 
 def take_profile(model_dir: str, out: Path, log: Any, grid: ProfileGrid = VALIDATION_GRID) -> TpProfile:
@@ -164,11 +128,15 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         tp = load_profile(args.profile).for_model(spec.name)[1]
     else:
         tp = take_profile(args.model, out, log, ProfileGrid.quick() if args.quick else VALIDATION_GRID)
-    reqs = make_requests(
-        check.workload, check.num_requests, check.seed, spec.vocab_size, spec.max_position_embeddings, args.model
-    )  # fmt: skip
-    prompts = np.array([len(r.prompt_ids) for r in reqs], dtype=np.int64)
-    outputs = np.array([r.output_len for r in reqs], dtype=np.int64)
+
+    def requests(n: int, seed: int) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        reqs = make_requests(
+            check.workload, n, seed, spec.vocab_size, spec.max_position_embeddings, args.model
+        )
+        lens = np.array([len(r.prompt_ids) for r in reqs], dtype=np.int64)
+        return reqs, lens, np.array([r.output_len for r in reqs], dtype=np.int64)
+
+    reqs, prompts, outputs = requests(check.num_requests, check.seed)
     rows = []
     probes = QUICK_CALIBRATION if args.quick else CalibrationPlan()
     with serving(args.model, out, args.url, log) as (url, pgid):
@@ -180,18 +148,39 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 f"+{cal.decode_step_ms:.2f} ms/step +{cal.decode_seq_ms:.2f} ms/sequence/step"
             )
         served = with_overheads(tp, cal)
+        host: HostCpu = NO_CONTENTION
+        host_details: dict[str, Any] = {}
+        if pgid is not None and args.probe_rates:  # CPU accounting needs the server's processes
+            runs = []
+            for k, probe_rate in enumerate(args.probe_rates):
+                seed = check.seed + 1 + k
+                p_reqs, p_prompts, p_outputs = requests(args.probe_requests, seed)
+                p_times = arrival_times(args.probe_requests, probe_rate, check.cv, seed)
+
+                def send(
+                    r: list[Any] = p_reqs, t: np.ndarray = p_times, label: str = f"probe {probe_rate:g}"
+                ) -> Any:
+                    return run_rate(url, "grpc", "orchestrator", r, t.tolist(), 300.0, label).records
+
+                runs.append(ProbeRun(send, p_prompts, p_outputs, p_times))
+            host, host_details = probe_host(pgid, served, engine, runs)
+            slow = ", ".join(
+                f"x{p['slowdown']:.2f} at {p['cores_ours']:.2f} cores" for p in host_details["probes"]
+            )
+            log(
+                f"host: idle {host.idle_cores:.2f} cores, {host.cpu_per_token_s * 1e3:.2f} ms CPU per streamed "
+                f"token besides the engines; probes {slow} -> scale {host.scale:.2f}, exponent {host.exponent:.2f}"
+            )
         for rate in check.rates:
             times = arrival_times(check.num_requests, rate, check.cv, check.seed)
-            raw = predict(tp, engine, prompts, outputs, times, check)
-            pred = predict(served, engine, prompts, outputs, times, check)
+            raw = predict(tp, engine, prompts, outputs, times, check.ttft, check.tpot)
+            alone = predict(served, engine, prompts, outputs, times, check.ttft, check.tpot)
+            pred, host_at = predict_contended(
+                served, host, engine, prompts, outputs, times, check.ttft, check.tpot
+            )
             before = snapshot(pgid)
             res = run_rate(url, "grpc", "orchestrator", reqs, times.tolist(), 300.0, f"{rate:g} req/s")
             cpu = usage(before, snapshot(pgid))
-            # Diagnostic, not a prediction (it uses the run's measured CPU): our threads waited for a
-            # core `wait_per_run` s per s of work (other processes, and ours, contending), so every
-            # phase took about `slowdown` times its uncontended time.
-            share = cpu.slowdown
-            shared = predict(scaled(served, share), engine, prompts, outputs, times, check)
             meas = summarize(res.records, rate, res.duration_s, check.ttft, check.tpot)
             ok = np.array(
                 [r.error is None and r.ttft <= check.ttft and r.tpot <= check.tpot for r in res.records]
@@ -202,21 +191,24 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 "predicted": pred.attainment,
                 "measured_ci95": [ci.ci_low, ci.ci_high],
                 "predicted_engine_only": raw.attainment,
+                "predicted_without_contention": alone.attainment,
+                "host_slowdown": host_at.slowdown,
+                "host_utilization": host_at.utilization,
+                "host_saturated": host_at.saturated,
                 "measured": meas["attainment"],
                 "difference_points": 100.0 * (pred.attainment - meas["attainment"]),
                 "prediction": pred._asdict(),
-                "prediction_engine_only": raw._asdict(),
-                "cpu_slowdown": share,
-                "predicted_at_measured_cpu_share": shared.attainment,
                 "measurement": meas,
                 "cpu": cpu._asdict(),
+                "records": [[r.ttft, r.tpot, r.error is None] for r in res.records],
             }
             rows.append(row)
             log(
-                f"rate {rate:g}: predicted {pred.attainment:.3f} (engine only {raw.attainment:.3f}), "
-                f"measured {meas['attainment']:.3f} (ttft {meas['ttft_attainment']:.2f}, "
-                f"tpot {meas['tpot_attainment']:.2f}, errors {meas['errors']}); cores busy: ours "
-                f"{cpu.cores_ours:.2f}, others {cpu.cores_others:.2f} of {cpu.cores}; our threads' CPU wait x{share:.2f}"
+                f"rate {rate:g}: predicted {pred.attainment:.3f} (host x{host_at.slowdown:.2f}; without contention "
+                f"{alone.attainment:.3f}), measured {meas['attainment']:.3f} (ttft {meas['ttft_attainment']:.2f}, "
+                f"tpot {meas['tpot_attainment']:.2f}, errors {meas['errors']}); predicted / measured mean TPOT "
+                f"{pred.tpot_mean * 1e3:.1f} / {meas['tpot']['mean'] * 1e3:.1f} ms; cores busy: ours "
+                f"{cpu.cores_ours:.2f}, others {cpu.cores_others:.2f} of {cpu.cores}"
             )
     worst = max(abs(r["difference_points"]) for r in rows)
     return {
@@ -224,6 +216,7 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "check": check.__dict__,
         "profile": tp.to_json(),
         "calibration": cal.as_dict(),
+        "host": host_details,
         "profile_with_overheads": served.to_json(),
         "rows": rows,
         "max_abs_difference_points": worst,
@@ -234,15 +227,15 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     lines = [
         "| rate (req/s) | predicted attainment | measured attainment (95% CI) | difference (points) "
-        "| engine-only prediction | other processes' load (cores) | at measured CPU share |",
+        "| without host contention | host slowdown | other processes' load (cores) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         low, high = r["measured_ci95"]
         lines.append(
             f"| {r['rate']:g} | {r['predicted']:.3f} | {r['measured']:.3f} ({low:.3f}-{high:.3f}) "
-            f"| {r['difference_points']:+.1f} | {r['predicted_engine_only']:.3f} | {r['cpu']['cores_others']:.2f} "
-            f"| {r['predicted_at_measured_cpu_share']:.3f} (x{r['cpu_slowdown']:.2f}) |"
+            f"| {r['difference_points']:+.1f} | {r['predicted_without_contention']:.3f} "
+            f"| x{r['host_slowdown']:.2f}{' (saturated)' if r['host_saturated'] else ''} | {r['cpu']['cores_others']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -254,6 +247,13 @@ def _rates(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"rates must be numbers separated by commas, got {text!r}") from None
 
 
+def _probe_rates(text: str) -> list[float]:
+    rates = [r for r in _rates(text) if r > 0]
+    if len(rates) > 2:
+        raise argparse.ArgumentTypeError(f"one or two probe rates, got {text!r}")
+    return rates
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m planner.validate", description=__doc__.split("\n\n")[0])
@@ -261,12 +261,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", help="engine profile JSON (default: profile now, num_threads=1)")
     ap.add_argument("--url", help="gRPC HOST:PORT of a server already running the default deployment")
     ap.add_argument("--workload", default="synthetic:prompt=uniform(32,1024),output=uniform(16,96)")
-    ap.add_argument("--rates", type=_rates, default=[1.0, 2.0, 3.0], help="req/s, comma-separated")
+    ap.add_argument("--rates", type=_rates, default=[2.0, 4.0, 6.0], help="req/s, comma-separated")
     ap.add_argument("--num-requests", type=int, default=100, help="per rate")
     ap.add_argument("--ttft", type=float, default=0.5, help="TTFT SLO, seconds")
     ap.add_argument("--tpot", type=float, default=0.03, help="TPOT SLO, seconds")
     ap.add_argument("--cv", type=float, default=1.0, help="arrival burstiness (1 = Poisson)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--probe-rates",
+        type=_probe_rates,
+        default=[1.5, 4.5],
+        help="req/s of the host load probes (one or two; 0: none)",
+    )
+    ap.add_argument("--probe-requests", type=int, default=60, help="requests per host load probe")
     ap.add_argument("--quick", action="store_true", help="small profile grid and few probes (tests)")
     ap.add_argument("--no-calibration", action="store_true", help="predict from the engine profile alone")
     ap.add_argument("--out", default="validate-out", help="folder for validation.json, profile, server log")

@@ -19,7 +19,7 @@ def test_validate_tiny_run(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.
     rc = main(
         [
             "--model", str(tiny_model_dir), "--quick", "--rates", "4", "--num-requests", "8",
-            "--ttft", "0.5", "--tpot", "0.03", "--out", str(out),
+            "--ttft", "0.5", "--tpot", "0.03", "--probe-requests", "12", "--out", str(out),
         ]
     )  # fmt: skip
     assert rc == 0
@@ -40,5 +40,12 @@ def test_validate_tiny_run(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.
     assert cal["prefill_ms"] + cal["decode_step_ms"] + cal["decode_seq_ms"] > 0
     assert len(cal["probes"]["decode"]) == 2
     assert row["cpu"]["cores_busy"] > 0
+    # The host probe ran with CPU accounting of the server it started, and the prediction used it.
+    host = report["host"]
+    assert [p["requests"] for p in host["probes"]] == [12, 12]
+    assert all(p["cores_ours"] > host["idle_cores_ours"] >= 0 for p in host["probes"])
+    assert host["exponent"] >= 0 and host["cpu_per_token_s"] >= 0
+    assert row["host_slowdown"] > 0 and row["host_utilization"] > 0
+    assert len(row["records"]) == 8
     printed = capsys.readouterr().out
     assert "| 4 |" in printed and "points" in printed
