@@ -65,3 +65,4 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.worker.stop()
+        self.metric_registry.close()

@@ -93,30 +93,56 @@ def read_inputs(request: Any, specs: Iterable[TensorSpec]) -> dict[str, np.ndarr
 
 
 class _LockedMetric:
-    """A pb_utils Metric whose updates (IPC to the server) take PB_LOCK."""
+    """A pb_utils Metric whose updates (IPC to the server) take PB_LOCK; no-ops once closed."""
 
     def __init__(self, metric: Any) -> None:
-        self._metric = metric
+        self._metric: Any = metric
 
     def set(self, value: float) -> None:
         with PB_LOCK:
-            self._metric.set(value)
+            if self._metric is not None:
+                self._metric.set(value)
 
     def increment(self, value: float) -> None:
         with PB_LOCK:
-            self._metric.increment(value)
+            if self._metric is not None:
+                self._metric.increment(value)
 
     def observe(self, value: float) -> None:
         with PB_LOCK:
-            self._metric.observe(value)
+            if self._metric is not None:
+                self._metric.observe(value)
+
+    def close(self) -> None:
+        with PB_LOCK:
+            self._metric = None
 
 
 class Metrics:
-    """Creates metric families once per model and metrics labelled with the model and instance."""
+    """Creates metric families once per model and metrics labelled with the model and instance.
+
+    Call close() in finalize(): a metric family destroyed later, when the stub tears the model
+    object down, sends its last message over shared memory that is already gone, and the stub
+    segfaults on its way out (2.51, every server stop).
+    """
 
     def __init__(self, model: str, instance: str) -> None:
         self.labels = {"model": model, "instance": instance}
         self._families: dict[str, Any] = {}
+        self._metrics: list[_LockedMetric] = []
+
+    def close(self) -> None:
+        """Destroys every metric and family now, while the stub can still talk to the server."""
+        with PB_LOCK:
+            for metric in self._metrics:
+                metric.close()
+            self._metrics.clear()
+            self._families.clear()
+
+    def _track(self, metric: Any) -> _LockedMetric:
+        locked = _LockedMetric(metric)
+        self._metrics.append(locked)
+        return locked
 
     def _family(self, name: str, description: str, kind: Any) -> Any:
         if name not in self._families:
@@ -125,12 +151,12 @@ class Metrics:
 
     def gauge(self, name: str, description: str) -> _LockedMetric:
         family = self._family(name, description, pb_utils.MetricFamily.GAUGE)
-        return _LockedMetric(family.Metric(labels=self.labels))
+        return self._track(family.Metric(labels=self.labels))
 
     def counter(self, name: str, description: str) -> _LockedMetric:
         family = self._family(name, description, pb_utils.MetricFamily.COUNTER)
-        return _LockedMetric(family.Metric(labels=self.labels))
+        return self._track(family.Metric(labels=self.labels))
 
     def histogram(self, name: str, description: str, buckets: Iterable[float]) -> _LockedMetric:
         family = self._family(name, description, pb_utils.MetricFamily.HISTOGRAM)
-        return _LockedMetric(family.Metric(labels=self.labels, buckets=list(buckets)))
+        return self._track(family.Metric(labels=self.labels, buckets=list(buckets)))

@@ -96,3 +96,4 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.worker.stop()
         self.receiver.close()
+        self.metric_registry.close()

@@ -97,3 +97,4 @@ class TritonPythonModel:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.leases.close()
         self.retired.clear()
+        self.metric_registry.close()

@@ -91,3 +91,4 @@ class TritonPythonModel:
         self.sender.close()
         if self.pool is not None:
             self.pool.close()
+        self.metric_registry.close()
