@@ -20,6 +20,14 @@ from planner.sim_stats import SimResult
 from planner.simulator import Instance, SimConfig, simulate
 
 
+class Requests(NamedTuple):
+    """The requests of one run: prompt and output lengths, and send offsets in seconds."""
+
+    prompts: np.ndarray
+    outputs: np.ndarray
+    times: np.ndarray
+
+
 class Prediction(NamedTuple):
     attainment: float
     ttft_attainment: float
@@ -28,9 +36,7 @@ class Prediction(NamedTuple):
     tpot_mean: float
 
 
-def simulate_check(
-    tp: TpProfile, engine: EngineParams, prompts: np.ndarray, outputs: np.ndarray, times: np.ndarray
-) -> SimResult:
+def simulate_check(tp: TpProfile, engine: EngineParams, reqs: Requests) -> SimResult:
     """Simulate one prefill and one decode instance (the engine limits of `engine`) on these requests."""
     lat = PhaseLatency(1, 1, tp, hop_ms=0.0)  # no pipeline: one process per phase
     cfg = SimConfig(
@@ -38,7 +44,7 @@ def simulate_check(
         decode=(Instance(lat, engine.num_blocks * engine.block_size, engine.max_num_seqs),),
         token_budget=engine.max_num_batched_tokens,
     )
-    return simulate(cfg, times, prompts, outputs)
+    return simulate(cfg, reqs.times, reqs.prompts, reqs.outputs)
 
 
 def attainment(res: SimResult, ttft_slo: float, tpot_slo: float) -> Prediction:
@@ -51,40 +57,27 @@ def attainment(res: SimResult, ttft_slo: float, tpot_slo: float) -> Prediction:
 
 
 def predict(
-    tp: TpProfile,
-    engine: EngineParams,
-    prompts: np.ndarray,
-    outputs: np.ndarray,
-    times: np.ndarray,
-    ttft_slo: float,
-    tpot_slo: float,
+    tp: TpProfile, engine: EngineParams, reqs: Requests, ttft_slo: float, tpot_slo: float
 ) -> Prediction:
-    return attainment(simulate_check(tp, engine, prompts, outputs, times), ttft_slo, tpot_slo)
+    return attainment(simulate_check(tp, engine, reqs), ttft_slo, tpot_slo)
 
 
-def load_of(res: SimResult, times: np.ndarray, outputs: np.ndarray, slowdown: float) -> Load:
+def load_of(res: SimResult, reqs: Requests, slowdown: float) -> Load:
     """The host load of a run simulated with latencies scaled by `slowdown`: engine CPU at the
     unscaled speed, over the span from the first arrival to the last finish."""
-    span = float(np.max(res.finish) - times[0])
-    return Load(sum(res.busy_s) / slowdown, int(outputs.sum()), span)
+    span = float(np.max(res.finish) - reqs.times[0])
+    return Load(sum(res.busy_s) / slowdown, int(reqs.outputs.sum()), span)
 
 
 def predict_contended(
-    served: TpProfile,
-    host: HostCpu,
-    engine: EngineParams,
-    prompts: np.ndarray,
-    outputs: np.ndarray,
-    times: np.ndarray,
-    ttft_slo: float,
-    tpot_slo: float,
+    served: TpProfile, host: HostCpu, engine: EngineParams, reqs: Requests, ttft_slo: float, tpot_slo: float
 ) -> tuple[Prediction, Contention]:
     """The prediction at the host's contention fixed point (planner.host_cpu.solve)."""
 
     def run(s: float) -> SimResult:
-        return simulate_check(scaled(served, s), engine, prompts, outputs, times)
+        return simulate_check(scaled(served, s), engine, reqs)
 
-    found = solve(host, lambda s: load_of(run(s), times, outputs, s))
+    found = solve(host, lambda s: load_of(run(s), reqs, s))
     return attainment(run(found.slowdown), ttft_slo, tpot_slo), found
 
 
@@ -98,13 +91,10 @@ def scaled(tp: TpProfile, factor: float) -> TpProfile:
 
 
 class ProbeRun(NamedTuple):
-    """One load probe: `send()` runs the benchmark's requests (these lengths, at these offsets)
-    against the server and returns the records."""
+    """One load probe: `send()` runs the benchmark's `reqs` against the server and returns the records."""
 
     send: Callable[[], Sequence[Any]]
-    prompts: np.ndarray
-    outputs: np.ndarray
-    times: np.ndarray
+    reqs: Requests
 
 
 class HostProbe(NamedTuple):
@@ -131,14 +121,14 @@ def probe_host(
         measured_tpot = float(np.mean([r.tpot for r in good]))
 
         def sim(s: float, run: ProbeRun = run) -> SimResult:
-            return simulate_check(scaled(served, s), engine, run.prompts, run.outputs, run.times)
+            return simulate_check(scaled(served, s), engine, run.reqs)
 
         slowdown = fit_slowdown(lambda s: float(sim(s).tpot.mean()), measured_tpot)
-        probe_load = load_of(sim(slowdown), run.times, run.outputs, slowdown)
+        probe_load = load_of(sim(slowdown), run.reqs, slowdown)
         probes.append(Probe(load.cores_ours, probe_load, slowdown))
         details.append(
             {
-                "rate": len(records) / max(float(run.times[-1]), 1e-9),
+                "rate": len(records) / max(float(run.reqs.times[-1]), 1e-9),
                 "requests": len(records),
                 "cores_ours": load.cores_ours,
                 "cores_others": load.cores_others,

@@ -33,7 +33,7 @@ import numpy as np
 
 from planner import PlannerError
 from planner.calibration import NO_OVERHEAD, CalibrationPlan, calibrate, with_overheads
-from planner.check_predict import ProbeRun, predict, predict_contended, probe_host
+from planner.check_predict import ProbeRun, Requests, predict, predict_contended, probe_host
 from planner.cpu_usage import snapshot, usage
 from planner.deployment import default_deployment
 from planner.host_cpu import NO_CONTENTION, HostCpu
@@ -129,14 +129,15 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     else:
         tp = take_profile(args.model, out, log, ProfileGrid.quick() if args.quick else VALIDATION_GRID)
 
-    def requests(n: int, seed: int) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    def requests(n: int, seed: int, rate: float) -> tuple[list[Any], Requests]:
+        """The benchmark's requests and, for the simulator, their lengths and send offsets."""
         reqs = make_requests(
             check.workload, n, seed, spec.vocab_size, spec.max_position_embeddings, args.model
         )
         lens = np.array([len(r.prompt_ids) for r in reqs], dtype=np.int64)
-        return reqs, lens, np.array([r.output_len for r in reqs], dtype=np.int64)
+        outs = np.array([r.output_len for r in reqs], dtype=np.int64)
+        return reqs, Requests(lens, outs, arrival_times(n, rate, check.cv, seed))
 
-    reqs, prompts, outputs = requests(check.num_requests, check.seed)
     rows = []
     probes = QUICK_CALIBRATION if args.quick else CalibrationPlan()
     with serving(args.model, out, args.url, log) as (url, pgid):
@@ -153,16 +154,14 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         if pgid is not None and args.probe_rates:  # CPU accounting needs the server's processes
             runs = []
             for k, probe_rate in enumerate(args.probe_rates):
-                seed = check.seed + 1 + k
-                p_reqs, p_prompts, p_outputs = requests(args.probe_requests, seed)
-                p_times = arrival_times(args.probe_requests, probe_rate, check.cv, seed)
+                p_reqs, p_sim = requests(args.probe_requests, check.seed + 1 + k, probe_rate)
 
                 def send(
-                    r: list[Any] = p_reqs, t: np.ndarray = p_times, label: str = f"probe {probe_rate:g}"
+                    r: list[Any] = p_reqs, t: np.ndarray = p_sim.times, label: str = f"probe {probe_rate:g}"
                 ) -> Any:
                     return run_rate(url, "grpc", "orchestrator", r, t.tolist(), 300.0, label).records
 
-                runs.append(ProbeRun(send, p_prompts, p_outputs, p_times))
+                runs.append(ProbeRun(send, p_sim))
             host, host_details = probe_host(pgid, served, engine, runs)
             slow = ", ".join(
                 f"x{p['slowdown']:.2f} at {p['cores_ours']:.2f} cores" for p in host_details["probes"]
@@ -172,14 +171,12 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 f"token besides the engines; probes {slow} -> scale {host.scale:.2f}, exponent {host.exponent:.2f}"
             )
         for rate in check.rates:
-            times = arrival_times(check.num_requests, rate, check.cv, check.seed)
-            raw = predict(tp, engine, prompts, outputs, times, check.ttft, check.tpot)
-            alone = predict(served, engine, prompts, outputs, times, check.ttft, check.tpot)
-            pred, host_at = predict_contended(
-                served, host, engine, prompts, outputs, times, check.ttft, check.tpot
-            )
+            reqs, sim = requests(check.num_requests, check.seed, rate)  # the same requests at every rate
+            raw = predict(tp, engine, sim, check.ttft, check.tpot)
+            alone = predict(served, engine, sim, check.ttft, check.tpot)
+            pred, host_at = predict_contended(served, host, engine, sim, check.ttft, check.tpot)
             before = snapshot(pgid)
-            res = run_rate(url, "grpc", "orchestrator", reqs, times.tolist(), 300.0, f"{rate:g} req/s")
+            res = run_rate(url, "grpc", "orchestrator", reqs, sim.times.tolist(), 300.0, f"{rate:g} req/s")
             cpu = usage(before, snapshot(pgid))
             meas = summarize(res.records, rate, res.duration_s, check.ttft, check.tpot)
             ok = np.array(
