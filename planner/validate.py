@@ -129,15 +129,15 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     else:
         tp = take_profile(args.model, out, log, ProfileGrid.quick() if args.quick else VALIDATION_GRID)
 
-    def requests(n: int, seed: int, rate: float) -> tuple[list[Any], Requests]:
-        """The benchmark's requests and, for the simulator, their lengths and send offsets."""
+    def requests(n: int, seed: int) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        """The benchmark's requests, and their prompt and output lengths for the simulator."""
         reqs = make_requests(
             check.workload, n, seed, spec.vocab_size, spec.max_position_embeddings, args.model
         )
         lens = np.array([len(r.prompt_ids) for r in reqs], dtype=np.int64)
-        outs = np.array([r.output_len for r in reqs], dtype=np.int64)
-        return reqs, Requests(lens, outs, arrival_times(n, rate, check.cv, seed))
+        return reqs, lens, np.array([r.output_len for r in reqs], dtype=np.int64)
 
+    reqs, prompts, outputs = requests(check.num_requests, check.seed)  # the same requests at every rate
     rows = []
     probes = QUICK_CALIBRATION if args.quick else CalibrationPlan()
     with serving(args.model, out, args.url, log) as (url, pgid):
@@ -154,7 +154,11 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         if pgid is not None and args.probe_rates:  # CPU accounting needs the server's processes
             runs = []
             for k, probe_rate in enumerate(args.probe_rates):
-                p_reqs, p_sim = requests(args.probe_requests, check.seed + 1 + k, probe_rate)
+                seed = check.seed + 1 + k
+                p_reqs, p_prompts, p_outputs = requests(args.probe_requests, seed)
+                p_sim = Requests(
+                    p_prompts, p_outputs, arrival_times(args.probe_requests, probe_rate, check.cv, seed)
+                )
 
                 def send(
                     r: list[Any] = p_reqs, t: np.ndarray = p_sim.times, label: str = f"probe {probe_rate:g}"
@@ -171,7 +175,7 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 f"token besides the engines; probes {slow} -> scale {host.scale:.2f}, exponent {host.exponent:.2f}"
             )
         for rate in check.rates:
-            reqs, sim = requests(check.num_requests, check.seed, rate)  # the same requests at every rate
+            sim = Requests(prompts, outputs, arrival_times(check.num_requests, rate, check.cv, check.seed))
             raw = predict(tp, engine, sim, check.ttft, check.tpot)
             alone = predict(served, engine, sim, check.ttft, check.tpot)
             pred, host_at = predict_contended(served, host, engine, sim, check.ttft, check.tpot)
