@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: setup model tritonserver repository serve test demo lint bench clean
+.PHONY: setup kernels model tritonserver repository serve test demo lint bench clean
 
 setup: $(VENV)/.stamp
 
@@ -21,6 +21,11 @@ $(VENV)/.stamp: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+
+# The engine's compiled CPU kernels (built once, rebuilt when their source changes). Without a
+# C++ compiler the engine runs the same ops in PyTorch, a little slower.
+kernels: setup
+	$(PY) -m backends.engine.kernels || echo "continuing without the compiled CPU kernels"
 
 model: $(MODEL_DIR)/config.json
 
@@ -36,14 +41,14 @@ $(TRITON_DIR)/.stamp: $(VENV)/.stamp scripts/install_tritonserver.sh
 repository: setup
 	$(PY) -m planner.repository --out model_repository --model-dir $(MODEL_DIR)
 
-test: setup model tritonserver
+test: setup kernels model tritonserver
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-serve: model tritonserver repository
+serve: kernels model tritonserver repository
 	$(PY) -m backends.launcher --model-repository model_repository \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-demo: model tritonserver repository
+demo: kernels model tritonserver repository
 	$(PY) -m backends.engine generate --model $(MODEL_DIR) --max-tokens 48 --timings \
 		--prompt "The quick brown fox" --prompt "Once upon a time" --prompt "In the beginning"
 	$(PY) -m backends.demo --model-repository model_repository \
@@ -56,7 +61,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check $(CODE)
 	$(VENV)/bin/mypy backends kv_transfer planner client
 
-bench: setup model
+bench: setup kernels model
 	$(PY) -m backends.engine.bench --model $(MODEL_DIR)
 
 clean:

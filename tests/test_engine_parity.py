@@ -32,9 +32,14 @@ def engine_greedy(
     new_tokens: int,
     block_size: int = 4,
     decode_attention: str = "auto",
+    compiled_kernels: bool = True,
 ) -> list[list[int]]:
     config = EngineConfig(
-        model_dir=str(model_dir), num_blocks=512, block_size=block_size, decode_attention=decode_attention
+        model_dir=str(model_dir),
+        num_blocks=512,
+        block_size=block_size,
+        decode_attention=decode_attention,
+        compiled_kernels=compiled_kernels,
     )
     engine = LLMEngine(config)
     seqs = engine.generate(prompts, SamplingParams(max_tokens=new_tokens))
@@ -63,13 +68,22 @@ def test_default_model_matches_transformers(tiny_model_dir: Path, decode_attenti
     assert all(len(set(o)) > 5 for o in ours), "the default model must not repeat one token"
 
 
-@pytest.mark.parametrize("decode_attention", ["dense", "paged"])
+# Dense decode runs the compiled CPU kernels where they build, or the PyTorch reference ops.
+@pytest.mark.parametrize(
+    ("decode_attention", "compiled"), [("dense", True), ("dense", False), ("paged", True)]
+)
 @pytest.mark.parametrize("name", ["llama-gqa-llama3", "qwen2", "mistral", "mistral-window", "llama-tied"])
 def test_random_checkpoints_match_transformers(
-    random_checkpoints: dict[str, Path], name: str, decode_attention: str
+    random_checkpoints: dict[str, Path], name: str, decode_attention: str, compiled: bool
 ) -> None:
     prompts = _prompts(320, [5, 17, 2, 33, 9])
-    ours = engine_greedy(random_checkpoints[name], prompts, NEW_TOKENS, decode_attention=decode_attention)
+    ours = engine_greedy(
+        random_checkpoints[name],
+        prompts,
+        NEW_TOKENS,
+        decode_attention=decode_attention,
+        compiled_kernels=compiled,
+    )
     theirs = hf_greedy(random_checkpoints[name], prompts, NEW_TOKENS)
     assert ours == theirs
 

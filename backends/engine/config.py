@@ -151,6 +151,9 @@ class EngineConfig:
     # pool's size again). "auto": dense on CPU, where the gather dominates a step; paged on CUDA,
     # where KV memory is the scarce resource.
     decode_attention: str = "auto"
+    # fp32 on CPU: run norms, activation, rotary and dense decode attention as compiled fused
+    # kernels (backends/engine/kernels.py), falling back to PyTorch ops where they cannot build.
+    compiled_kernels: bool = True
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

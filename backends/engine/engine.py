@@ -25,6 +25,7 @@ from backends.engine.block_manager import BlockManager
 from backends.engine.config import EngineConfig, ModelConfig
 from backends.engine.decode_cache import DenseDecodeCache
 from backends.engine.errors import RequestError
+from backends.engine.kernels import kernels_for
 from backends.engine.kv_cache import DTYPES, KVLayout, KVPool
 from backends.engine.model import CausalLM, StepInput
 from backends.engine.rope import RotaryEmbedding
@@ -74,7 +75,8 @@ class LLMEngine:
         with torch.device("meta"):
             model = CausalLM(mc)
         load_weights(model, config.model_dir, self.dtype, self.device)
-        model.fuse()
+        self.kernels = kernels_for(self.device, self.dtype, config.compiled_kernels, mc.sliding_window)
+        model.fuse(self.kernels)
         self.model = model.eval()
         self.rotary = RotaryEmbedding(mc.rope, mc.head_dim, mc.max_position_embeddings, self.max_model_len)
         self.rotary.to(self.device)
@@ -127,7 +129,7 @@ class LLMEngine:
         seq_lens = torch.repeat_interleave(
             torch.tensor(lens, device=self.device), torch.tensor(lens, device=self.device)
         )
-        cos, sin = self.rotary.cos_sin(pos, seq_lens)
+        cos, sin = self.rotary.factors(pos, self.dtype, seq_lens)
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
         step = StepInput(
             pos, torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, None, None, last
@@ -136,7 +138,6 @@ class LLMEngine:
         return self._sample_and_append(seqs, logits)
 
     def decode_step(self, seqs: list[Sequence]) -> list[int]:
-        bs = self.config.block_size
         for seq in seqs:
             if not seq.output_ids:
                 raise ValueError(f"sequence {seq.seq_id} has not been prefilled")
@@ -148,45 +149,7 @@ class LLMEngine:
         if dense is not None and not dense.fits(len(seqs), max(s.num_tokens for s in seqs)):
             dense = None
         batch = dense.bind(seqs) if dense is not None else seqs
-        ctx = [s.num_tokens for s in batch]
-        pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=self.device)
-        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(batch, ctx, strict=True)]
-        tables = None
-        if dense is None:
-            width = max(self.blocks.blocks_for(n) for n in ctx)
-            tables = torch.tensor(
-                [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch],
-                dtype=torch.long,
-                device=self.device,
-            )
-            keys = width * bs
-        else:
-            keys = max(ctx)
-        key_pos = torch.arange(keys, device=self.device)[None, :]
-        ctx_t = torch.tensor(ctx, device=self.device)[:, None]
-        mask = key_pos < ctx_t
-        window = self.model_config.sliding_window
-        if window is not None:
-            mask &= key_pos > ctx_t - 1 - window
-        cos, sin = self.rotary.cos_sin(pos, ctx_t[:, 0])
-        mask = mask[:, None, None, :]
-        step = StepInput(
-            pos,
-            torch.tensor(slots, device=self.device),
-            cos,
-            sin,
-            None,
-            tables,
-            mask,
-            torch.arange(len(batch), device=self.device),
-        )
-        if dense is not None:
-            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device)
-            step = step._replace(
-                dense_keys_t=dense.keys_t,
-                dense_values=dense.values,
-                key_bias=bias.masked_fill_(~mask, float("-inf")),
-            )
+        step = self._decode_input(batch, dense)
         ids = torch.tensor([s.last_token for s in batch], device=self.device)
         logits = self.model(ids, step, self.pool)
         if dense is not None:
@@ -250,6 +213,39 @@ class LLMEngine:
         return seqs
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _decode_input(self, batch: list[Sequence], dense: DenseDecodeCache | None) -> StepInput:
+        """The StepInput of a decode step over `batch` (with `dense`, bound to its rows)."""
+        bs = self.config.block_size
+        ctx = [s.num_tokens for s in batch]
+        pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=self.device)
+        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(batch, ctx, strict=True)]
+        ctx_t = torch.tensor(ctx, device=self.device)
+        cos, sin = self.rotary.factors(pos, self.dtype, ctx_t)
+        step = StepInput(pos, torch.tensor(slots, device=self.device), cos, sin, None, None, None, None)
+        if dense is not None:
+            step = step._replace(dense_keys_t=dense.keys_t, dense_values=dense.values, context_lens=ctx_t)
+            if self.kernels.compiled:  # the kernel masks by length and window itself
+                return step
+        keys = max(ctx) if dense is not None else self.blocks.blocks_for(max(ctx)) * bs
+        key_pos = torch.arange(keys, device=self.device)[None, :]
+        mask = key_pos < ctx_t[:, None]  # [B, keys]
+        window = self.model_config.sliding_window
+        if window is not None:
+            mask &= key_pos > ctx_t[:, None] - 1 - window
+        if dense is not None:  # an additive mask row per (sequence, KV head)
+            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~mask, float("-inf")
+            )
+            return step._replace(
+                key_bias=bias.repeat_interleave(self.model_config.num_kv_heads, dim=0)[:, None, :]
+            )
+        width = keys // bs
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch]
+        return step._replace(
+            block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
+            key_mask=mask[:, None, None, :],
+        )
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         tokens = sample(

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.engine.config import ModelConfig
+from backends.engine.kernels import TorchKernels
 from backends.engine.kv_cache import KVPool
-from backends.engine.rope import apply_rotary
 
 
 class StepInput(NamedTuple):
@@ -23,47 +23,49 @@ class StepInput(NamedTuple):
 
     positions: torch.Tensor  # [N] long
     slot_mapping: torch.Tensor  # [N] long: block_id * block_size + offset, where each token's K/V goes
-    cos: torch.Tensor  # [N, head_dim]
-    sin: torch.Tensor  # [N, head_dim]
+    cos: torch.Tensor  # [N, 1, head_dim] in the model's dtype (RotaryEmbedding.factors)
+    sin: torch.Tensor  # [N, 1, head_dim] in the model's dtype, first half negated
     prefill_lens: list[int] | None  # prefill: prompt length of each sequence (tokens are concatenated)
     block_tables: torch.Tensor | None  # paged decode: [B, max_blocks] long (padded with 0)
-    key_mask: torch.Tensor | None  # decode: [B, 1, 1, keys] bool, True = attend
-    last_token_index: torch.Tensor  # [B] index into N of each sequence's last token
+    key_mask: torch.Tensor | None  # paged decode: [B, 1, 1, keys] bool, True = attend
+    last_token_index: torch.Tensor | None  # prefill: [B] index into N of each sequence's last token
     # dense decode (DenseDecodeCache; sequence i of the batch is its row i): keys transposed
-    # [layers, rows, kvH, D, capacity], values [layers, rows, kvH, capacity, D], and an additive
-    # mask [B, 1, 1, keys] (0 = attend, -inf = not) instead of key_mask.
+    # [layers, rows, kvH, D, capacity], values [layers, rows, kvH, capacity, D], each sequence's
+    # context length including this token [B], and for TorchKernels an additive mask
+    # [B * kvH, 1, keys] (0 = attend, -inf = not; the compiled kernel masks by length itself).
     dense_keys_t: torch.Tensor | None = None
     dense_values: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
     key_bias: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
+    kernels: TorchKernels = TorchKernels()  # set by CausalLM.fuse()
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # fused kernel; same result as below when no cast is involved
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
+    qkv_proj: Projection  # set by fuse()
+    kernels: TorchKernels = TorchKernels()  # set by CausalLM.fuse()
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.sliding_window = cfg.sliding_window
         h, d = cfg.hidden_size, cfg.head_dim
+        # Checkpoint-shaped projections, replaced by fuse() once the weights are loaded.
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.qkv_proj: Projection | None = None  # set by fuse(): one GEMM instead of three
 
     def fuse(self) -> None:
         """Replaces q/k/v projections by one concatenated projection (after weights are loaded)."""
@@ -71,28 +73,27 @@ class Attention(nn.Module):
         self.o_proj = Projection(self.o_proj)  # type: ignore[assignment]
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor, step: StepInput, pool: KVPool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: normed hidden states [N, hidden]. Returns residual + attention output, and the
+        step's K [N, kvH, D] (rotated) and V [N, kvH, D], which the caller writes to the pool
+        (paged decode excepted: it reads the pool, so its K/V are written here first)."""
         n = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
-        else:
-            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = self.qkv_proj(x)
         # Rotate q and k heads in one pass: [N, H + kvH, D].
-        qk = apply_rotary(qkv[:, : (h + kvh) * d].view(n, h + kvh, d), step.cos, step.sin)
+        qk = self.kernels.rotary(qkv[:, : (h + kvh) * d].view(n, h + kvh, d), step.cos, step.sin)
         q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, (h + kvh) * d :].view(n, kvh, d)
-        cache = pool.tensor[self.layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
-        flat = cache.view(2, -1, self.num_kv_heads, self.head_dim)
-        flat[0, step.slot_mapping] = k.to(cache.dtype)
-        flat[1, step.slot_mapping] = v.to(cache.dtype)
         if step.prefill_lens is not None:
             out = self._prefill_attention(q, k, v, step.prefill_lens)
         elif step.dense_values is not None:
             out = self._dense_decode_attention(q, k, v, step)
         else:
-            out = self._decode_attention(q, cache, step)
-        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
+            write_kv(pool.tensor[self.layer : self.layer + 1], step.slot_mapping, [k], [v])
+            out = self._decode_attention(q, pool.tensor[self.layer], step)
+        return self.o_proj(out.reshape(n, h * d), residual), k, v
 
     def _expand(self, kv: torch.Tensor) -> torch.Tensor:
         """[B, kv_heads, L, D] -> [B, heads, L, D] (grouped-query attention)."""
@@ -125,11 +126,11 @@ class Attention(nn.Module):
         b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
         # index_select copies whole blocks (rows); advanced indexing on dim 1 is ~30% slower here.
         kv = cache.index_select(1, step.block_tables.view(-1))  # [2, B * max_blocks, block_size, kvH, D]
-        kv = kv.view(2, b, -1, kvh, d).transpose(2, 3).to(q.dtype)  # [2, B, kvH, L, D]
+        kv = kv.view(2, b, -1, kvh, d).transpose(2, 3)  # [2, B, kvH, L, D]
         # Grouped-query attention without copying K/V per query head: the G query heads sharing a
         # KV head become that head's "query positions" (the mask is per key, so no causality
         # between them is implied). Query head h uses KV head h // G, as in the reference.
-        qg = q.view(b, kvh, self.num_heads // kvh, d)  # [B, kvH, G, D]
+        qg = q.reshape(b, kvh, self.num_heads // kvh, d)  # [B, kvH, G, D]
         o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=step.key_mask)  # [B, kvH, G, D]
         return o.reshape(b, self.num_heads, d)
 
@@ -137,41 +138,30 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInput
     ) -> torch.Tensor:
         assert step.dense_keys_t is not None and step.dense_values is not None
-        assert step.key_bias is not None
-        b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
+        assert step.context_lens is not None
         keys_t, values = step.dense_keys_t[self.layer], step.dense_values[self.layer]
-        rows = step.last_token_index  # decode: token i is sequence i is row i
-        keys_t[rows, :, :, step.positions] = k.to(keys_t.dtype)
-        values[rows, :, step.positions] = v.to(values.dtype)
-        length = step.key_bias.shape[-1]
-        # Grouped-query as in _decode_attention: [B, kvH, G, D] @ [B, kvH, D, L] -> [B, kvH, G, L].
-        qg = q.view(b, kvh, self.num_heads // kvh, d)
-        scores = torch.matmul(qg, keys_t[:b, :, :, :length].to(q.dtype))
-        scores.mul_(d**-0.5).add_(step.key_bias)
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.matmul(probs, values[:b, :, :length].to(q.dtype))  # [B, kvH, G, D]
-        return o.reshape(b, self.num_heads, d)
+        return self.kernels.dense_decode_attention(q, k, v, keys_t, values, step.context_lens, step.key_bias)
 
 
 class MLP(nn.Module):
+    gate_up_proj: Projection  # set by fuse()
+    kernels: TorchKernels = TorchKernels()  # set by CausalLM.fuse()
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.gate_up_proj: Projection | None = None
 
     def fuse(self) -> None:
         self.gate_up_proj = Projection(self.gate_proj, self.up_proj)
         self.down_proj = Projection(self.down_proj)  # type: ignore[assignment]
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MLP(x)."""
+        gate_up = self.gate_up_proj(x)  # [N, 2 * intermediate]
+        return self.down_proj(self.kernels.silu_mul(gate_up), residual)
 
 
 class Projection(nn.Module):
@@ -193,10 +183,15 @@ class Projection(nn.Module):
             bias = torch.cat(biases, dim=0) if len(biases) == len(linears) else None
             self.register_buffer("bias", bias, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ b) (+ residual). The residual is added by the GEMM itself (beta = 1), which
+        rounds exactly like adding it afterwards: one op fewer per projection."""
+        if self.bias is not None:
+            out = torch.addmm(self.bias, x, self.weight_t)
+            return out if residual is None else residual + out
+        if residual is None:
             return x @ self.weight_t
-        return torch.addmm(self.bias, x, self.weight_t)
+        return torch.addmm(residual, x, self.weight_t)
 
 
 class DecoderLayer(nn.Module):
@@ -207,9 +202,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step, pool)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, step: StepInput, pool: KVPool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the layer's output and its K/V for this step (see Attention.forward)."""
+        x, k, v = self.self_attn(self.input_layernorm(x), x, step, pool)
+        return self.mlp(self.post_attention_layernorm(x), x), k, v
 
 
 class Backbone(nn.Module):
@@ -221,7 +219,8 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """The decoder plus LM head. forward() returns logits of each sequence's last token only."""
+    """The decoder plus LM head. forward() returns logits of each sequence's last token only.
+    Call fuse() once the weights are loaded, before the first forward()."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -231,9 +230,12 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def fuse(self) -> None:
-        """Concatenates projections that read the same input and stores projection weights
-        transposed (see Projection); call once, after loading weights."""
+    def fuse(self, kernels: TorchKernels) -> None:
+        """Concatenates projections that read the same input, stores projection weights
+        transposed (see Projection), and sets the kernels of the non-GEMM ops."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.kernels = kernels
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
             layer.self_attn.fuse()
@@ -245,7 +247,27 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
         """input_ids: [N] -> logits [B, vocab] (fp32) for the last token of each sequence."""
         x = self.model.embed_tokens(input_ids)
+        keys, values = [], []
         for layer in self.model.layers:
-            x = layer(x, step, pool)
-        x = self.model.norm(x[step.last_token_index])
-        return self.lm_head(x).float()
+            x, k, v = layer(x, step, pool)
+            keys.append(k)
+            values.append(v)
+        if step.block_tables is None:  # paged decode wrote its K/V layer by layer
+            write_kv(pool.tensor, step.slot_mapping, keys, values)
+        if step.last_token_index is not None:
+            x = x[step.last_token_index]
+        logits = self.lm_head(self.model.norm(x))
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+
+def write_kv(
+    cache: torch.Tensor, slots: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]
+) -> None:
+    """Writes one step's K/V of consecutive layers into the pool in one indexed copy.
+
+    cache: [layers, 2, num_blocks, block_size, kvH, D] (the pool or a slice of its layers);
+    keys[i], values[i]: [N, kvH, D] of layer i, in the pool's dtype; slots: [N].
+    """
+    layers, _, blocks, block_size, kvh, d = cache.shape
+    kv = torch.stack([t for pair in zip(keys, values, strict=True) for t in pair])  # [2 * layers, N, kvH, D]
+    cache.view(layers, 2, blocks * block_size, kvh, d)[:, :, slots] = kv.view(layers, 2, -1, kvh, d)

@@ -58,38 +58,34 @@ class RotaryEmbedding:
 
     @staticmethod
     def _table(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin (see TorchKernels.rotary), [P, D] fp32."""
         freqs = positions[:, None] * inv_freq[None, :]  # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        return emb.cos(), emb.sin()
+        sin = emb.sin()
+        sin[:, : sin.shape[-1] // 2].neg_()
+        return emb.cos(), sin
 
     def to(self, device: torch.device) -> RotaryEmbedding:
         self._cos, self._sin = self._cos.to(device), self._sin.to(device)
         return self
 
-    def cos_sin(
-        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None
+    def factors(
+        self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [N, head_dim] (fp32) for N token positions.
+        """The cos and sin factors the rotary kernels take for N token positions: [N, 1, head_dim] in
+        `dtype` (the reference also computes the tables in fp32 and casts them).
 
         seq_lens (dynamic scaling only): [N] length of the sequence each token belongs to in this
         forward pass (max position + 1), which sets that token's NTK base.
         """
         if not self.dynamic or seq_lens is None or int(seq_lens.max()) <= self.max_position_embeddings:
-            return self._cos[positions], self._sin[positions]
-        cos = torch.empty(len(positions), self.head_dim, device=positions.device)
-        sin = torch.empty_like(cos)
-        for length in seq_lens.unique().tolist():
-            mask = seq_lens == length
-            inv = inv_frequencies(self.rope, self.head_dim, self.max_position_embeddings, int(length))
-            c, s = self._table(positions[mask].float().cpu(), inv)
-            cos[mask], sin[mask] = c.to(cos.device), s.to(sin.device)
-        return cos, sin
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [N, heads, head_dim]; cos/sin: [N, head_dim]. Returns x rotated, in x's dtype."""
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)
+            cos, sin = self._cos[positions], self._sin[positions]
+        else:
+            cos = torch.empty(len(positions), self.head_dim, device=positions.device)
+            sin = torch.empty_like(cos)
+            for length in seq_lens.unique().tolist():
+                mask = seq_lens == length
+                inv = inv_frequencies(self.rope, self.head_dim, self.max_position_embeddings, int(length))
+                c, s = self._table(positions[mask].float().cpu(), inv)
+                cos[mask], sin[mask] = c.to(cos.device), s.to(sin.device)
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
