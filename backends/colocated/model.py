@@ -15,7 +15,7 @@ from backends.common.client_stream import ClientStream
 from backends.common.interface import CLIENT_INPUTS
 from backends.common.metrics import BATCH_BUCKETS
 from backends.common.requests import parse_client_request, prompt_ids
-from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
+from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.engine.engine import LLMEngine
 from backends.engine.errors import RequestError
 from backends.engine.tokenizer import load_tokenizer
@@ -43,6 +43,7 @@ class TritonPythonModel:
                 cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
             ),
         )
+        freeze_startup_heap()
 
     def execute(self, requests: list[Any]) -> None:
         arrived = time.perf_counter()  # before the lock: waiting for it is part of TTFT

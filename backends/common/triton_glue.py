@@ -5,6 +5,7 @@ Imported from inside the python backend's stub process only (pb_utils exists now
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -21,6 +22,14 @@ from backends.common.stub_lock import PB_LOCK
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 0.05
+
+
+def freeze_startup_heap() -> None:
+    """Takes what start-up allocated (modules, weights, the engine) out of the garbage collector's
+    view: it lives as long as the process, and otherwise every full collection re-scans it
+    between steps. Called at the end of initialize()."""
+    gc.collect()
+    gc.freeze()
 
 
 class TritonSink:

@@ -18,7 +18,7 @@ from backends.common.interface import DECODE_INPUTS
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from backends.common.requests import parse_ids, parse_sampling, text_input
 from backends.common.sink import token_outputs
-from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
+from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
 from backends.engine.engine import LLMEngine
 from backends.engine.errors import RequestError
@@ -61,6 +61,7 @@ class TritonPythonModel:
                 cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
             ),
         )
+        freeze_startup_heap()
 
     def execute(self, requests: list[Any]) -> None:
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)

@@ -16,7 +16,7 @@ from backends.common import params as P
 from backends.common.interface import PREFILL_INPUTS
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from backends.common.requests import parse_ids, parse_sampling
-from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
+from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.engine.engine import LLMEngine, kv_layout_for
 from backends.engine.errors import RequestError
 from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
@@ -67,6 +67,7 @@ class TritonPythonModel:
             ),
         )
         log.info("prefill ready: %s, KV transport %s at %s", engine_config, transport, self.sender.address)
+        freeze_startup_heap()
 
     def execute(self, requests: list[Any]) -> None:
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
