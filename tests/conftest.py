@@ -135,6 +135,8 @@ def random_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
             max_position_embeddings=48,
             rope_scaling={"rope_type": "dynamic", "factor": 2.0},
         ),
+        # biases on every projection (Llama's attention_bias includes o_proj), untied head
+        "llama-bias": make_random_checkpoint(base / "bias", "llama", attention_bias=True, mlp_bias=True),
         "llama-tied": make_random_checkpoint(
             base / "tied", "llama", tie_word_embeddings=True, num_key_value_heads=4
         ),

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from backends.engine.config import RopeConfig
+from backends.engine.config import EngineConfig, RopeConfig
+from backends.engine.engine import LLMEngine
 from backends.engine.kernels import CompiledCpuKernels, TorchKernels, kernels_for, load_compiled
 from backends.engine.rope import RotaryEmbedding
+from backends.engine.sampling import SamplingParams
+from backends.engine.sequence import Sequence
 
 CAN_BUILD = shutil.which("c++") is not None and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 pytestmark = pytest.mark.skipif(not CAN_BUILD, reason="needs a C++ compiler and an AVX2 CPU")
@@ -96,3 +101,64 @@ def test_bad_inputs_raise_clear_errors(compiled: CompiledCpuKernels) -> None:
     q, kv = torch.zeros(1, 2, 4), torch.zeros(1, 1, 4)
     with pytest.raises(RuntimeError, match="length 9 outside"):
         compiled.dense_decode_attention(q, kv, kv, keys_t, values, torch.tensor([9]), None)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 300])
+def test_packed_linear_matches_matmul_and_accumulates_in_place(
+    compiled: CompiledCpuKernels, rows: int
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    weight_t = torch.randn(96, 136, generator=g)
+    packed = compiled.prepare_weight(weight_t)
+    x = torch.randn(rows, 96, generator=g)
+    torch.testing.assert_close(compiled.linear(x, packed, 96, 136, None), x @ weight_t)
+    residual = torch.randn(rows, 136, generator=g)
+    expected = residual + x @ weight_t
+    out = compiled.linear(x, packed, 96, 136, residual)
+    assert out.data_ptr() == residual.data_ptr(), "the residual is accumulated into, not copied"
+    torch.testing.assert_close(out, expected)
+
+
+def test_write_kv_matches_reference(compiled: CompiledCpuKernels) -> None:
+    g = torch.Generator().manual_seed(4)
+    layers, blocks, block_size, kvh, d, n = 3, 6, 4, 2, 8, 5
+    pool = torch.zeros(layers, 2, blocks, block_size, kvh, d)
+    ref_pool = pool.clone()
+    slots = torch.tensor([0, 7, 8, 23, 13])
+    qkv = torch.randn(layers, n, 3 * kvh * d, generator=g)  # K and V as views of a fused projection
+    keys = [qkv[i, :, : kvh * d].view(n, kvh, d) for i in range(layers)]
+    values = [qkv[i, :, kvh * d : 2 * kvh * d].view(n, kvh, d) for i in range(layers)]
+    compiled.write_kv(pool, slots, keys, values)
+    TorchKernels().write_kv(ref_pool, slots, keys, values)
+    assert torch.equal(pool, ref_pool) and pool.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        compiled.write_kv(pool, torch.tensor([0, 1, 2, 3, 24]), keys, values)
+
+
+def test_dense_decoder_computes_what_the_per_op_forward_does(random_checkpoints: dict[str, Path]) -> None:
+    """The whole-step decoder runs the same kernels in the same order as the model's Python
+    forward: the same logits, bit for bit (biases, GQA and a sliding window included)."""
+    for name in ("llama-bias", "mistral-window"):
+        logits: dict[bool, list[torch.Tensor]] = {}
+        for fused in (True, False):
+            engine = LLMEngine(
+                EngineConfig(model_dir=str(random_checkpoints[name]), num_blocks=128, block_size=4)
+            )
+            assert engine.kernels.compiled and engine.model.dense_decoder is not None
+            if not fused:
+                engine.model.dense_decoder = None
+            seen = logits.setdefault(fused, [])
+            sample = engine._sample_and_append
+
+            def capture(
+                seqs: list[Sequence], out: torch.Tensor, sample: Any = sample, seen: Any = seen
+            ) -> list[int]:
+                seen.append(out.clone())
+                return sample(seqs, out)
+
+            engine._sample_and_append = capture  # type: ignore[method-assign]
+            engine.generate(
+                [[1, 5, 9, 30], [1, *range(40, 61)]], SamplingParams(max_tokens=12, ignore_eos=True)
+            )
+        assert len(logits[True]) == len(logits[False]) > 10
+        assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False], strict=True))

@@ -72,7 +72,9 @@ def test_default_model_matches_transformers(tiny_model_dir: Path, decode_attenti
 @pytest.mark.parametrize(
     ("decode_attention", "compiled"), [("dense", True), ("dense", False), ("paged", True)]
 )
-@pytest.mark.parametrize("name", ["llama-gqa-llama3", "qwen2", "mistral", "mistral-window", "llama-tied"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa-llama3", "qwen2", "mistral", "mistral-window", "llama-tied", "llama-bias"]
+)
 def test_random_checkpoints_match_transformers(
     random_checkpoints: dict[str, Path], name: str, decode_attention: str, compiled: bool
 ) -> None:

@@ -73,6 +73,11 @@ class ModelConfig:
     bos_token_id: int | None = None
 
     @property
+    def o_proj_bias(self) -> bool:
+        """Llama's attention_bias covers the output projection too; Qwen2's (q/k/v only) does not."""
+        return self.attention_bias and self.model_type == "llama"
+
+    @property
     def derived_max_len(self) -> int:
         """Longest context the checkpoint supports: dynamic NTK scaling exists to stretch it by its factor."""
         if self.rope.rope_type == "dynamic":

@@ -1,9 +1,10 @@
-"""The non-GEMM ops of a forward pass: RMSNorm, SwiGLU activation, rotary embedding, dense decode
-attention.
+"""The kernels of a forward pass: projections, RMSNorm, SwiGLU activation, rotary embedding, dense
+decode attention.
 
 ``TorchKernels`` is the reference: PyTorch ops, any device and dtype. ``CompiledCpuKernels``
-runs the same ops as fused fp32 CPU kernels (csrc/cpu_kernels.cpp), each one call instead of
-several small ops; at batch 32 on a 2-core CPU those small ops cost more than the arithmetic.
+runs the same ops as fused fp32 CPU kernels (csrc/), each one call instead of
+several small ops (at batch 32 on a 2-core CPU those small ops cost more than the arithmetic),
+and the projections as GEMMs over weights packed once in MKL's layout.
 ``kernels_for`` picks one. The compiled kernels are built on first use by torch's extension
 builder (a C++ compiler and AVX2 are needed; ``python -m backends.engine.kernels`` builds them
 ahead of time) and cached under ``$TORCH_EXTENSIONS_DIR``.
@@ -15,13 +16,14 @@ import functools
 import logging
 from pathlib import Path
 from types import ModuleType
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_SOURCES = sorted(str(path) for path in (Path(__file__).parent / "csrc").glob("*.cpp"))
 # -ffp-contract=off: no fused multiply-add, so the rotary embedding rounds like the reference.
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: the kernels
 # share PyTorch's intra-op thread pool (at::parallel_for) rather than starting a second one.
@@ -37,12 +39,53 @@ _CFLAGS = [
 ]
 
 
+class DecoderDims(NamedTuple):
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+
+
 class TorchKernels:
     """Reference implementations. Shapes: x [N, hidden]; gate_up [N, 2I]; rotary x
     [N, heads, D] with cos/sin [N, 1, D] from RotaryEmbedding.factors; dense attention as in
     ``dense_decode_attention``."""
 
     compiled = False
+
+    def prepare_weight(self, weight_t: torch.Tensor) -> torch.Tensor:
+        """A weight [in, out] in the form ``linear`` takes (here: as is)."""
+        return weight_t
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, k: int, n: int, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [M, k] @ weight [k, n]; with a residual [M, n]: residual += x @ weight in place (the
+        GEMM accumulates: beta = 1), returning it."""
+        return x @ weight if residual is None else residual.addmm_(x, weight)
+
+    def write_kv(
+        self, cache: torch.Tensor, slots: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> None:
+        """Writes one step's K/V of consecutive layers into the pool.
+
+        cache: [layers, 2, num_blocks, block_size, kvH, D] (the pool or a slice of its layers);
+        keys[i], values[i]: [N, kvH, D] of layer i, in the pool's dtype; slots: [N] long.
+        """
+        layers, _, blocks, block_size, kvh, d = cache.shape
+        kv = torch.stack(
+            [t for pair in zip(keys, values, strict=True) for t in pair]
+        )  # [2 * layers, N, kvH, D]
+        cache.view(layers, 2, blocks * block_size, kvh, d)[:, :, slots] = kv.view(layers, 2, -1, kvh, d)
+
+    def dense_decoder(self, dims: DecoderDims, layers: list[list[torch.Tensor]]) -> Any | None:
+        """An object whose ``forward(x, cos, sin, keys_t, values, lengths, pool, slots)`` runs all
+        layers of a dense decode step at once, or None (run them one op at a time). ``layers``:
+        per layer, input norm, qkv, qkv bias, o, o bias, post norm, gate_up, gate_up bias, down,
+        down bias (weights from prepare_weight; an absent bias is an empty tensor)."""
+        return None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dtype == torch.float32:  # fused kernel; same result as below when no cast is involved
@@ -101,6 +144,27 @@ class CompiledCpuKernels(TorchKernels):
     def __init__(self, module: ModuleType, window: int | None) -> None:
         self._ops = module
         self._window = window or 0
+        self._packed = bool(module.has_packed_gemm())
+
+    def prepare_weight(self, weight_t: torch.Tensor) -> torch.Tensor:
+        return self._ops.pack_weight(weight_t) if self._packed else weight_t
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, k: int, n: int, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not self._packed:
+            return super().linear(x, weight, k, n, residual)
+        return self._ops.packed_linear(x, weight, k, n, residual)
+
+    def write_kv(
+        self, cache: torch.Tensor, slots: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> None:
+        self._ops.write_kv(cache, slots, keys, values)
+
+    def dense_decoder(self, dims: DecoderDims, layers: list[list[torch.Tensor]]) -> Any | None:
+        if not self._packed:
+            return None
+        return self._ops.DenseDecoder(*dims, self._window, layers)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._ops.rms_norm(x, weight, eps)
@@ -146,7 +210,7 @@ def load_compiled() -> ModuleType | None:
 
         return load(
             name="triton_disagg_cpu_kernels",
-            sources=[str(_SOURCE)],
+            sources=_SOURCES,
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
         )

@@ -7,14 +7,14 @@ match Hugging Face checkpoints so safetensors load by name.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from backends.engine.config import ModelConfig
-from backends.engine.kernels import TorchKernels
+from backends.engine.kernels import DecoderDims, TorchKernels
 from backends.engine.kv_cache import KVPool
 
 
@@ -65,18 +65,20 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_proj_bias)
 
-    def fuse(self) -> None:
+    def fuse(self, kernels: TorchKernels) -> None:
         """Replaces q/k/v projections by one concatenated projection (after weights are loaded)."""
-        self.qkv_proj = Projection(self.q_proj, self.k_proj, self.v_proj)
-        self.o_proj = Projection(self.o_proj)  # type: ignore[assignment]
+        self.kernels = kernels
+        self.qkv_proj = Projection(self.q_proj, self.k_proj, self.v_proj, kernels=kernels)
+        self.o_proj = Projection(self.o_proj, kernels=kernels)  # type: ignore[assignment]
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor, step: StepInput, pool: KVPool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: normed hidden states [N, hidden]. Returns residual + attention output, and the
+        """x: normed hidden states [N, hidden]. Adds the attention output to `residual` in place
+        and returns it, with the
         step's K [N, kvH, D] (rotated) and V [N, kvH, D], which the caller writes to the pool
         (paged decode excepted: it reads the pool, so its K/V are written here first)."""
         n = x.shape[0]
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         elif step.dense_values is not None:
             out = self._dense_decode_attention(q, k, v, step)
         else:
-            write_kv(pool.tensor[self.layer : self.layer + 1], step.slot_mapping, [k], [v])
+            self.kernels.write_kv(pool.tensor[self.layer : self.layer + 1], step.slot_mapping, [k], [v])
             out = self._decode_attention(q, pool.tensor[self.layer], step)
         return self.o_proj(out.reshape(n, h * d), residual), k, v
 
@@ -153,45 +155,49 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def fuse(self) -> None:
-        self.gate_up_proj = Projection(self.gate_proj, self.up_proj)
-        self.down_proj = Projection(self.down_proj)  # type: ignore[assignment]
+    def fuse(self, kernels: TorchKernels) -> None:
+        self.kernels = kernels
+        self.gate_up_proj = Projection(self.gate_proj, self.up_proj, kernels=kernels)
+        self.down_proj = Projection(self.down_proj, kernels=kernels)  # type: ignore[assignment]
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + MLP(x)."""
+        """residual += MLP(x), in place; returns residual."""
         gate_up = self.gate_up_proj(x)  # [N, 2 * intermediate]
         return self.down_proj(self.kernels.silu_mul(gate_up), residual)
 
 
 class Projection(nn.Module):
-    """``x @ W.T + b`` for one or several concatenated nn.Linear (same input), W stored transposed.
+    """``x @ W.T + b`` for one or several concatenated nn.Linear (same input).
 
-    [in, out] row-major is the layout MKL multiplies fastest for the skinny [tokens, in]
-    activations of decode (25-30% over nn.Linear's [out, in] on CPU); cuBLAS takes either.
+    The weight is kept in the form the kernels multiply fastest (``prepare_weight``): transposed,
+    ``[in, out]``, for PyTorch (25-30% over nn.Linear's ``[out, in]`` for decode's skinny
+    activations with MKL; cuBLAS takes either), MKL's packed layout for the compiled CPU kernels.
     """
 
-    weight_t: torch.Tensor  # [in, out]
+    weight: torch.Tensor  # opaque: what kernels.prepare_weight returned
     bias: torch.Tensor | None  # [out]
 
-    def __init__(self, *linears: nn.Linear) -> None:
+    def __init__(self, *linears: nn.Linear, kernels: TorchKernels) -> None:
         super().__init__()
+        self.kernels = kernels
         with torch.no_grad():
             weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [out, in]
-            self.register_buffer("weight_t", weight.t().contiguous(), persistent=False)
+            self.out_features, self.in_features = weight.shape
+            self.register_buffer("weight", kernels.prepare_weight(weight.t().contiguous()), persistent=False)
             biases = [lin.bias.detach() for lin in linears if lin.bias is not None]
             bias = torch.cat(biases, dim=0) if len(biases) == len(linears) else None
             self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W.T (+ b) (+ residual). The residual is added by the GEMM itself (beta = 1), which
-        rounds exactly like adding it afterwards: one op fewer per projection."""
-        if self.bias is not None:
-            out = torch.addmm(self.bias, x, self.weight_t)
-            return out if residual is None else residual + out
-        if residual is None:
-            return x @ self.weight_t
-        return torch.addmm(residual, x, self.weight_t)
+        """x @ W.T (+ b), or with a residual: residual += x @ W.T (+ b) in place, returning it.
+        Without a bias the GEMM accumulates into the residual itself (beta = 1), which rounds
+        exactly like adding afterwards: no extra op, no new tensor."""
+        k, n = self.in_features, self.out_features
+        if self.bias is None:
+            return self.kernels.linear(x, self.weight, k, n, residual)
+        out = self.kernels.linear(x, self.weight, k, n, None) + self.bias
+        return out if residual is None else residual.add_(out)
 
 
 class DecoderLayer(nn.Module):
@@ -222,6 +228,9 @@ class CausalLM(nn.Module):
     """The decoder plus LM head. forward() returns logits of each sequence's last token only.
     Call fuse() once the weights are loaded, before the first forward()."""
 
+    kernels: TorchKernels = TorchKernels()  # set by fuse()
+    dense_decoder: Any = None  # set by fuse() where the kernels run whole decode steps
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -231,43 +240,73 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse(self, kernels: TorchKernels) -> None:
-        """Concatenates projections that read the same input, stores projection weights
-        transposed (see Projection), and sets the kernels of the non-GEMM ops."""
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, MLP)):
-                module.kernels = kernels
+        """Concatenates projections that read the same input into one weight each, prepared for
+        `kernels` (see Projection), and makes every op of the forward pass run on `kernels`."""
+        self.kernels = kernels
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.self_attn.fuse(kernels)
+            layer.mlp.fuse(kernels)
+            layer.input_layernorm.kernels = layer.post_attention_layernorm.kernels = kernels
+        self.model.norm.kernels = kernels
+        cfg = self.config
+        dims = DecoderDims(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps,
+        )
+        self.dense_decoder = kernels.dense_decoder(
+            dims, [_decoder_weights(layer) for layer in self.model.layers]
+        )
         if not self.config.tie_word_embeddings:  # a tied head would need a second copy
-            self.lm_head = Projection(self.lm_head)  # type: ignore[assignment]
+            self.lm_head = Projection(self.lm_head, kernels=kernels)  # type: ignore[assignment]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
         """input_ids: [N] -> logits [B, vocab] (fp32) for the last token of each sequence."""
         x = self.model.embed_tokens(input_ids)
-        keys, values = [], []
-        for layer in self.model.layers:
-            x, k, v = layer(x, step, pool)
-            keys.append(k)
-            values.append(v)
-        if step.block_tables is None:  # paged decode wrote its K/V layer by layer
-            write_kv(pool.tensor, step.slot_mapping, keys, values)
+        if step.dense_values is not None and self.dense_decoder is not None:
+            x = self.dense_decoder.forward(
+                x,
+                step.cos,
+                step.sin,
+                step.dense_keys_t,
+                step.dense_values,
+                step.context_lens,
+                pool.tensor,
+                step.slot_mapping,
+            )
+        else:
+            keys, values = [], []
+            for layer in self.model.layers:
+                x, k, v = layer(x, step, pool)
+                keys.append(k)
+                values.append(v)
+            if step.block_tables is None:  # paged decode wrote its K/V layer by layer
+                self.kernels.write_kv(pool.tensor, step.slot_mapping, keys, values)
         if step.last_token_index is not None:
             x = x[step.last_token_index]
         logits = self.lm_head(self.model.norm(x))
         return logits if logits.dtype == torch.float32 else logits.float()
 
 
-def write_kv(
-    cache: torch.Tensor, slots: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]
-) -> None:
-    """Writes one step's K/V of consecutive layers into the pool in one indexed copy.
-
-    cache: [layers, 2, num_blocks, block_size, kvH, D] (the pool or a slice of its layers);
-    keys[i], values[i]: [N, kvH, D] of layer i, in the pool's dtype; slots: [N].
-    """
-    layers, _, blocks, block_size, kvh, d = cache.shape
-    kv = torch.stack([t for pair in zip(keys, values, strict=True) for t in pair])  # [2 * layers, N, kvH, D]
-    cache.view(layers, 2, blocks * block_size, kvh, d)[:, :, slots] = kv.view(layers, 2, -1, kvh, d)
+def _decoder_weights(layer: nn.Module) -> list[torch.Tensor]:
+    """One layer's weights in the order TorchKernels.dense_decoder takes them."""
+    assert isinstance(layer, DecoderLayer)
+    attn, mlp = layer.self_attn, layer.mlp
+    none = torch.empty(0)
+    return [
+        layer.input_layernorm.weight,
+        attn.qkv_proj.weight,
+        none if attn.qkv_proj.bias is None else attn.qkv_proj.bias,
+        attn.o_proj.weight,
+        none if attn.o_proj.bias is None else attn.o_proj.bias,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_up_proj.weight,
+        none if mlp.gate_up_proj.bias is None else mlp.gate_up_proj.bias,
+        mlp.down_proj.weight,
+        none if mlp.down_proj.bias is None else mlp.down_proj.bias,
+    ]
