@@ -17,6 +17,7 @@ Not thread-safe: one thread drives an engine.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,8 @@ from backends.engine.sampling import SamplingParams, sample
 from backends.engine.scheduler import Scheduler
 from backends.engine.sequence import Sequence, Status
 from backends.engine.weights import load_weights
+
+log = logging.getLogger(__name__)
 
 
 class StepOutput(NamedTuple):
@@ -76,6 +79,9 @@ class LLMEngine:
             model = CausalLM(mc)
         load_weights(model, config.model_dir, self.dtype, self.device)
         self.kernels = kernels_for(self.device, self.dtype, config.compiled_kernels, mc.sliding_window)
+        log.info(
+            "engine %s: %s kernels", config.model_dir, "compiled CPU" if self.kernels.compiled else "PyTorch"
+        )
         model.fuse(self.kernels)
         self.model = model.eval()
         self.rotary = RotaryEmbedding(mc.rope, mc.head_dim, mc.max_position_embeddings, self.max_model_len)

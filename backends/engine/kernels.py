@@ -1,19 +1,20 @@
 """The kernels of a forward pass: projections, RMSNorm, SwiGLU activation, rotary embedding, dense
 decode attention.
 
-``TorchKernels`` is the reference: PyTorch ops, any device and dtype. ``CompiledCpuKernels``
-runs the same ops as fused fp32 CPU kernels (csrc/), each one call instead of
-several small ops (at batch 32 on a 2-core CPU those small ops cost more than the arithmetic),
-and the projections as GEMMs over weights packed once in MKL's layout.
-``kernels_for`` picks one. The compiled kernels are built on first use by torch's extension
-builder (a C++ compiler and AVX2 are needed; ``python -m backends.engine.kernels`` builds them
-ahead of time) and cached under ``$TORCH_EXTENSIONS_DIR``.
+``TorchKernels`` is the reference: PyTorch ops, any device and dtype. ``CompiledCpuKernels`` runs
+the same ops as fused fp32 CPU kernels (csrc/), each one call instead of several small ops (at
+batch 32 on a 2-core CPU those small ops cost more than the arithmetic), the projections as GEMMs
+over weights packed once in MKL's layout, and a whole dense decode step in one call.
+``kernels_for`` picks one. The compiled kernels are built on first use by torch's extension builder
+(a C++ compiler and AVX2 are needed; ``python -m backends.engine.kernels`` builds them ahead of
+time) into ``csrc/build``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_SOURCES = sorted(str(path) for path in (Path(__file__).parent / "csrc").glob("*.cpp"))
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = sorted(str(path) for path in _CSRC.glob("*.cpp"))
 # -ffp-contract=off: no fused multiply-add, so the rotary embedding rounds like the reference.
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: the kernels
 # share PyTorch's intra-op thread pool (at::parallel_for) rather than starting a second one.
@@ -199,6 +201,17 @@ def kernels_for(device: torch.device, dtype: torch.dtype, compiled: bool, window
     return TorchKernels()
 
 
+def _build_directory() -> str | None:
+    """csrc/build of this checkout, so that two checkouts on one machine do not rebuild each
+    other's kernels; torch's shared cache ($TORCH_EXTENSIONS_DIR) where that is not writable."""
+    build = _CSRC / "build"
+    try:
+        build.mkdir(exist_ok=True)
+    except OSError:
+        return None
+    return str(build) if os.access(build, os.W_OK) else None
+
+
 @functools.cache
 def load_compiled() -> ModuleType | None:
     """Builds (first time) and loads the CPU kernels; None where they cannot be built."""
@@ -213,6 +226,7 @@ def load_compiled() -> ModuleType | None:
             sources=_SOURCES,
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],
+            build_directory=_build_directory(),
         )
     except Exception as exc:  # no compiler, no ninja, a failed build: the reference ops still work
         log.warning("compiled CPU kernels unavailable, using PyTorch ops: %s", exc)
