@@ -138,7 +138,7 @@ class LLMEngine:
         cos, sin = self.rotary.factors(pos, self.dtype, seq_lens)
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
         step = StepInput(
-            pos, torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, None, None, last
+            torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, None, None, last
         )
         logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), step, self.pool)
         return self._sample_and_append(seqs, logits)
@@ -228,7 +228,7 @@ class LLMEngine:
         slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(batch, ctx, strict=True)]
         ctx_t = torch.tensor(ctx, device=self.device)
         cos, sin = self.rotary.factors(pos, self.dtype, ctx_t)
-        step = StepInput(pos, torch.tensor(slots, device=self.device), cos, sin, None, None, None, None)
+        step = StepInput(torch.tensor(slots, device=self.device), cos, sin, None, None, None, None)
         if dense is not None:
             step = step._replace(dense_keys_t=dense.keys_t, dense_values=dense.values, context_lens=ctx_t)
             if self.kernels.compiled:  # the kernel masks by length and window itself

@@ -119,8 +119,9 @@ class TorchKernels:
         """Appends each sequence's K/V at position lengths[b] - 1 of row b, then attends.
 
         q [B, H, D]; k, v [B, kvH, D]; keys_t [rows, kvH, D, capacity] (transposed: for q @ K^T),
-        values [rows, kvH, capacity, D] (sequence b is row b); lengths [B] long; key_bias [B * kvH, 1, L] additive mask, L = max(lengths) (0 =
-        attend, -inf = masked: past the length or outside the sliding window). Returns [B, H, D].
+        values [rows, kvH, capacity, D] (sequence b is row b); lengths [B] long; key_bias
+        [B * kvH, 1, L] additive mask, L = max(lengths) (0 = attend, -inf = masked: past the
+        length or outside the sliding window). Returns [B, H, D].
         """
         assert key_bias is not None
         b, h, d = q.shape

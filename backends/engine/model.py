@@ -21,9 +21,8 @@ from backends.engine.kv_cache import KVPool
 class StepInput(NamedTuple):
     """What one forward pass needs besides token ids; built once per step, shared by all layers."""
 
-    positions: torch.Tensor  # [N] long
     slot_mapping: torch.Tensor  # [N] long: block_id * block_size + offset, where each token's K/V goes
-    cos: torch.Tensor  # [N, 1, head_dim] in the model's dtype (RotaryEmbedding.factors)
+    cos: torch.Tensor  # [N, 1, head_dim] at each token's position, model dtype (RotaryEmbedding.factors)
     sin: torch.Tensor  # [N, 1, head_dim] in the model's dtype, first half negated
     prefill_lens: list[int] | None  # prefill: prompt length of each sequence (tokens are concatenated)
     block_tables: torch.Tensor | None  # paged decode: [B, max_blocks] long (padded with 0)
