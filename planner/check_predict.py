@@ -132,6 +132,7 @@ def probe_host(
                 "requests": len(records),
                 "cores_ours": load.cores_ours,
                 "cores_others": load.cores_others,
+                "cores_stolen": load.cores_stolen,
                 "tpot_mean_measured": measured_tpot,
                 "tpot_mean_at_calibration": float(sim(1.0).tpot.mean()),
                 "slowdown": slowdown,

@@ -17,10 +17,17 @@ class CpuSnapshot(NamedTuple):
     busy_s: float  # CPU seconds all cores spent outside idle/iowait since boot
     ours_s: float  # CPU seconds of this process and the watched process group
     ours_wait_s: float  # seconds their threads were runnable but waiting for a core (schedstat)
+    stolen_s: float = 0.0  # CPU seconds the hypervisor ran other guests while ours wanted a core
 
 
 class CpuUsage(NamedTuple):
-    """Average cores busy over an interval: in total, by us, by everything else."""
+    """Average cores busy over an interval: in total, by us, by everything else, and stolen.
+
+    Stolen time (/proc/stat "steal") is a virtual machine's cores lost to other guests on the
+    same host: invisible to every process inside, it still removes capacity. On this kind of
+    machine it went from 0.0 to 0.7 of 2 cores between runs minutes apart, the largest source
+    of run-to-run differences of the real-system check.
+    """
 
     seconds: float
     cores_busy: float
@@ -28,6 +35,7 @@ class CpuUsage(NamedTuple):
     cores_others: float
     cores: int
     wait_per_run: float  # our threads' seconds waiting for a core per second running
+    cores_stolen: float = 0.0
 
     @property
     def slowdown(self) -> float:
@@ -66,13 +74,14 @@ def snapshot(server_pgid: int | None = None) -> CpuSnapshot:
     ticks = [int(x) for x in first]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
     busy = (sum(ticks[:8]) - idle) / _TICK  # user..steal; guest time is already inside user
+    stolen = (ticks[7] if len(ticks) > 7 else 0) / _TICK
     pids = [os.getpid(), *(_group_pids(server_pgid) if server_pgid else [])]
     ours = wait = 0.0
     for pid in pids:
         r, w = _run_and_wait_s(pid)
         ours += r
         wait += w
-    return CpuSnapshot(time.monotonic(), busy, ours, wait)
+    return CpuSnapshot(time.monotonic(), busy, ours, wait, stolen)
 
 
 def usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
@@ -81,6 +90,13 @@ def usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
     ours = (after.ours_s - before.ours_s) / dt
     run = after.ours_s - before.ours_s
     wait = after.ours_wait_s - before.ours_wait_s
+    stolen = (after.stolen_s - before.stolen_s) / dt
     return CpuUsage(
-        dt, busy, ours, max(busy - ours, 0.0), os.cpu_count() or 1, wait / run if run > 0 else 0.0
+        dt,
+        busy,
+        ours,
+        max(busy - ours - stolen, 0.0),
+        os.cpu_count() or 1,
+        wait / run if run > 0 else 0.0,
+        stolen,
     )

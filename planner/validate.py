@@ -1,6 +1,6 @@
 """Real-system check of the planner: predicted vs measured SLO attainment on this machine.
 
-    python -m planner.validate --model models/tiny-llama [--rates 2,4,6] [--out DIR]
+    python -m planner.validate --model models/tiny-llama [--rates 4,7,10] [--out DIR]
 
 1. profile the engine on CPU with num_threads=1 (how each Triton model process runs it), or take
    --profile;
@@ -8,7 +8,9 @@
    measure the serving overheads over the engine profile through it (planner.calibration);
 3. predict: simulate one prefill and one decode instance on exactly the requests and arrival times
    the benchmark sends at each rate (the engine limits of the default deployment);
-4. measure: the client benchmark's open-loop streaming run at each rate against the server;
+4. measure: the client benchmark's open-loop streaming run at each rate against the server; a
+   rate measured while the hypervisor took more than --max-steal cores from this virtual machine
+   (/proc/stat steal) is measured again, up to --retries times (the table shows the steal);
 5. print rate | predicted | measured | difference (points) and write validation.json.
 
 Between 2 and 3, when the server was started here, two load probes (--probe-rates, other requests
@@ -168,7 +170,8 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 runs.append(ProbeRun(send, p_sim))
             host, host_details = probe_host(pgid, served, engine, runs)
             slow = ", ".join(
-                f"x{p['slowdown']:.2f} at {p['cores_ours']:.2f} cores" for p in host_details["probes"]
+                f"x{p['slowdown']:.2f} at {p['cores_ours']:.2f} cores ({p['cores_stolen']:.2f} stolen)"
+                for p in host_details["probes"]
             )
             log(
                 f"host: idle {host.idle_cores:.2f} cores, {host.cpu_per_token_s * 1e3:.2f} ms CPU per streamed "
@@ -179,9 +182,21 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             raw = predict(tp, engine, sim, check.ttft, check.tpot)
             alone = predict(served, engine, sim, check.ttft, check.tpot)
             pred, host_at = predict_contended(served, host, engine, sim, check.ttft, check.tpot)
-            before = snapshot(pgid)
-            res = run_rate(url, "grpc", "orchestrator", reqs, sim.times.tolist(), 300.0, f"{rate:g} req/s")
-            cpu = usage(before, snapshot(pgid))
+            for attempt in range(1, args.retries + 2):
+                before = snapshot(pgid)
+                res = run_rate(
+                    url, "grpc", "orchestrator", reqs, sim.times.tolist(), 300.0, f"{rate:g} req/s"
+                )
+                cpu = usage(before, snapshot(pgid))
+                if cpu.cores_stolen <= args.max_steal:
+                    break
+                # The profile and the calibration ran on whole cores; a measurement on fewer is not
+                # the system that was predicted. Measure again, up to --retries times.
+                log(
+                    f"rate {rate:g}: the hypervisor took {cpu.cores_stolen:.2f} of {cpu.cores} cores "
+                    f"(more than {args.max_steal:g}); measured {res_attainment(res, check):.3f}"
+                    + ("; measuring again" if attempt <= args.retries else "; keeping this one")
+                )
             meas = summarize(res.records, rate, res.duration_s, check.ttft, check.tpot)
             ok = np.array(
                 [r.error is None and r.ttft <= check.ttft and r.tpot <= check.tpot for r in res.records]
@@ -201,6 +216,8 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 "prediction": pred._asdict(),
                 "measurement": meas,
                 "cpu": cpu._asdict(),
+                "attempts": attempt,
+                "quiet_host": cpu.cores_stolen <= args.max_steal,
                 "records": [[r.ttft, r.tpot, r.error is None] for r in res.records],
             }
             rows.append(row)
@@ -209,7 +226,7 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 f"{alone.attainment:.3f}), measured {meas['attainment']:.3f} (ttft {meas['ttft_attainment']:.2f}, "
                 f"tpot {meas['tpot_attainment']:.2f}, errors {meas['errors']}); predicted / measured mean TPOT "
                 f"{pred.tpot_mean * 1e3:.1f} / {meas['tpot']['mean'] * 1e3:.1f} ms; cores busy: ours "
-                f"{cpu.cores_ours:.2f}, others {cpu.cores_others:.2f} of {cpu.cores}"
+                f"{cpu.cores_ours:.2f}, others {cpu.cores_others:.2f}, stolen {cpu.cores_stolen:.2f} of {cpu.cores}"
             )
     worst = max(abs(r["difference_points"]) for r in rows)
     return {
@@ -221,22 +238,30 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "profile_with_overheads": served.to_json(),
         "rows": rows,
         "max_abs_difference_points": worst,
-        "within_5_points": worst <= 5.0,
+        "within_5_points": worst <= 5.0 + 1e-9,  # 1.000 vs 0.950 is 5.000000000000004 in floats
+        "quiet_host": all(r["quiet_host"] for r in rows),
     }
+
+
+def res_attainment(res: Any, check: Check) -> float:
+    """Joint SLO attainment of one benchmark run, as the table counts it."""
+    ok = [r.error is None and r.ttft <= check.ttft and r.tpot <= check.tpot for r in res.records]
+    return sum(ok) / max(len(ok), 1)
 
 
 def table(report: dict[str, Any]) -> str:
     lines = [
         "| rate (req/s) | predicted attainment | measured attainment (95% CI) | difference (points) "
-        "| without host contention | host slowdown | other processes' load (cores) |",
-        "|---|---|---|---|---|---|---|",
+        "| without host contention | host slowdown | other processes' load (cores) | stolen (cores) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         low, high = r["measured_ci95"]
         lines.append(
             f"| {r['rate']:g} | {r['predicted']:.3f} | {r['measured']:.3f} ({low:.3f}-{high:.3f}) "
             f"| {r['difference_points']:+.1f} | {r['predicted_without_contention']:.3f} "
-            f"| x{r['host_slowdown']:.2f}{' (saturated)' if r['host_saturated'] else ''} | {r['cpu']['cores_others']:.2f} |"
+            f"| x{r['host_slowdown']:.2f}{' (saturated)' if r['host_saturated'] else ''} | {r['cpu']['cores_others']:.2f} "
+            f"| {r['cpu'].get('cores_stolen', 0.0):.2f} |"
         )
     return "\n".join(lines)
 
@@ -262,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", help="engine profile JSON (default: profile now, num_threads=1)")
     ap.add_argument("--url", help="gRPC HOST:PORT of a server already running the default deployment")
     ap.add_argument("--workload", default="synthetic:prompt=uniform(32,1024),output=uniform(16,96)")
-    ap.add_argument("--rates", type=_rates, default=[2.0, 4.0, 6.0], help="req/s, comma-separated")
+    ap.add_argument("--rates", type=_rates, default=[4.0, 7.0, 10.0], help="req/s, comma-separated")
     ap.add_argument("--num-requests", type=int, default=100, help="per rate")
     ap.add_argument("--ttft", type=float, default=0.5, help="TTFT SLO, seconds")
     ap.add_argument("--tpot", type=float, default=0.03, help="TPOT SLO, seconds")
@@ -275,10 +300,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="req/s of the host load probes (one or two; 0: none)",
     )
     ap.add_argument("--probe-requests", type=int, default=60, help="requests per host load probe")
+    ap.add_argument(
+        "--max-steal",
+        type=float,
+        default=0.1,
+        help="cores: a rate measured while the hypervisor took more (/proc/stat steal) is measured again",
+    )
+    ap.add_argument("--retries", type=int, default=2, help="re-measurements per rate for --max-steal")
     ap.add_argument("--quick", action="store_true", help="small profile grid and few probes (tests)")
     ap.add_argument("--no-calibration", action="store_true", help="predict from the engine profile alone")
     ap.add_argument("--out", default="validate-out", help="folder for validation.json, profile, server log")
     args = ap.parse_args(argv)
+    if args.retries < 0 or args.max_steal < 0:
+        ap.error("--retries and --max-steal must not be negative")
     args.argv = argv
     t0 = time.perf_counter()
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from planner import PlannerError
+from planner.cpu_usage import CpuSnapshot, snapshot, usage
 from planner.host_cpu import HostCpu, Load, Probe, fit_host, fit_slowdown, solve
 from planner.latency import PhaseLatency
 from planner.profile import TpProfile
@@ -93,3 +94,14 @@ def test_simulated_busy_time_is_the_work_done() -> None:
     assert prefill_busy == pytest.approx(n * lat.prefill_stage(length, length * length))
     steps = sum(lat.decode_full(length + k + 1, 1) for k in range(out - 1))  # KV grows by one per step
     assert decode_busy == pytest.approx(n * steps, rel=1e-6)
+
+
+def test_cpu_usage_counts_stolen_cores_apart_from_other_processes() -> None:
+    before = CpuSnapshot(wall=10.0, busy_s=100.0, ours_s=20.0, ours_wait_s=1.0, stolen_s=5.0)
+    after = CpuSnapshot(wall=12.0, busy_s=103.6, ours_s=22.0, ours_wait_s=1.5, stolen_s=5.8)
+    u = usage(before, after)
+    assert u.cores_busy == pytest.approx(1.8) and u.cores_ours == pytest.approx(1.0)
+    assert u.cores_stolen == pytest.approx(0.4) and u.cores_others == pytest.approx(0.4)
+    assert u.slowdown == pytest.approx(1.25)
+    now = snapshot()  # this machine's real counters
+    assert now.stolen_s >= 0 and now.busy_s >= now.stolen_s and now.ours_s > 0

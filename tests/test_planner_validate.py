@@ -40,6 +40,8 @@ def test_validate_tiny_run(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.
     assert cal["prefill_ms"] + cal["decode_step_ms"] + cal["decode_seq_ms"] > 0
     assert len(cal["probes"]["decode"]) == 2
     assert row["cpu"]["cores_busy"] > 0
+    assert row["cpu"]["cores_stolen"] >= 0 and 1 <= row["attempts"] <= 3  # default --retries 2
+    assert row["quiet_host"] == (row["cpu"]["cores_stolen"] <= 0.1) and "quiet_host" in report
     # The host probe ran with CPU accounting of the server it started, and the prediction used it.
     host = report["host"]
     assert [p["requests"] for p in host["probes"]] == [12, 12]
