@@ -194,14 +194,13 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 # the system that was predicted. Measure again, up to --retries times.
                 log(
                     f"rate {rate:g}: the hypervisor took {cpu.cores_stolen:.2f} of {cpu.cores} cores "
-                    f"(more than {args.max_steal:g}); measured {res_attainment(res, check):.3f}"
+                    f"(more than {args.max_steal:g}); measured {met_slos(res.records, check).mean():.3f}"
                     + ("; measuring again" if attempt <= args.retries else "; keeping this one")
                 )
             meas = summarize(res.records, rate, res.duration_s, check.ttft, check.tpot)
-            ok = np.array(
-                [r.error is None and r.ttft <= check.ttft and r.tpot <= check.tpot for r in res.records]
-            )
-            ci = fraction_with_ci(ok)  # how far the measurement itself can be trusted
+            ci = fraction_with_ci(
+                met_slos(res.records, check)
+            )  # how far the measurement itself can be trusted
             row = {
                 "rate": rate,
                 "predicted": pred.attainment,
@@ -243,10 +242,9 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     }
 
 
-def res_attainment(res: Any, check: Check) -> float:
-    """Joint SLO attainment of one benchmark run, as the table counts it."""
-    ok = [r.error is None and r.ttft <= check.ttft and r.tpot <= check.tpot for r in res.records]
-    return sum(ok) / max(len(ok), 1)
+def met_slos(records: list[Any], check: Check) -> np.ndarray:
+    """Per request of one benchmark run: served without error and within both SLOs."""
+    return np.array([r.error is None and r.ttft <= check.ttft and r.tpot <= check.tpot for r in records])
 
 
 def table(report: dict[str, Any]) -> str:
