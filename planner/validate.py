@@ -198,9 +198,8 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                     + ("; measuring again" if attempt <= args.retries else "; keeping this one")
                 )
             meas = summarize(res.records, rate, res.duration_s, check.ttft, check.tpot)
-            ci = fraction_with_ci(
-                met_slos(res.records, check)
-            )  # how far the measurement itself can be trusted
+            # How far the measurement itself can be trusted.
+            ci = fraction_with_ci(met_slos(res.records, check))
             row = {
                 "rate": rate,
                 "predicted": pred.attainment,
