@@ -1,6 +1,6 @@
 """Real-system check of the planner: predicted vs measured SLO attainment on this machine.
 
-    python -m planner.validate --model models/tiny-llama [--rates 4,7,10] [--out DIR]
+    python -m planner.validate --model models/tiny-llama [--rates 4,5.5,7] [--out DIR]
 
 1. profile the engine on CPU with num_threads=1 (how each Triton model process runs it), or take
    --profile;
@@ -284,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", help="engine profile JSON (default: profile now, num_threads=1)")
     ap.add_argument("--url", help="gRPC HOST:PORT of a server already running the default deployment")
     ap.add_argument("--workload", default="synthetic:prompt=uniform(32,1024),output=uniform(16,96)")
-    ap.add_argument("--rates", type=_rates, default=[4.0, 7.0, 10.0], help="req/s, comma-separated")
-    ap.add_argument("--num-requests", type=int, default=100, help="per rate")
+    ap.add_argument("--rates", type=_rates, default=[4.0, 5.5, 7.0], help="req/s, comma-separated")
+    ap.add_argument("--num-requests", type=int, default=300, help="per rate")
     ap.add_argument("--ttft", type=float, default=0.5, help="TTFT SLO, seconds")
     ap.add_argument("--tpot", type=float, default=0.03, help="TPOT SLO, seconds")
     ap.add_argument("--cv", type=float, default=1.0, help="arrival burstiness (1 = Poisson)")
@@ -293,10 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--probe-rates",
         type=_probe_rates,
-        default=[1.5, 4.5],
+        default=[3.0, 6.0],
         help="req/s of the host load probes (one or two; 0: none)",
     )
-    ap.add_argument("--probe-requests", type=int, default=60, help="requests per host load probe")
+    ap.add_argument("--probe-requests", type=int, default=150, help="requests per host load probe")
     ap.add_argument(
         "--max-steal",
         type=float,
