@@ -17,7 +17,7 @@ class CpuSnapshot(NamedTuple):
     busy_s: float  # CPU seconds all cores spent outside idle/iowait since boot
     ours_s: float  # CPU seconds of this process and the watched process group
     ours_wait_s: float  # seconds their threads were runnable but waiting for a core (schedstat)
-    stolen_s: float = 0.0  # CPU seconds the hypervisor ran other guests while ours wanted a core
+    stolen_s: float  # CPU seconds the hypervisor ran other guests while ours wanted a core
 
 
 class CpuUsage(NamedTuple):
@@ -35,7 +35,7 @@ class CpuUsage(NamedTuple):
     cores_others: float
     cores: int
     wait_per_run: float  # our threads' seconds waiting for a core per second running
-    cores_stolen: float = 0.0
+    cores_stolen: float
 
     @property
     def slowdown(self) -> float:

@@ -188,7 +188,8 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                     url, "grpc", "orchestrator", reqs, sim.times.tolist(), 300.0, f"{rate:g} req/s"
                 )
                 cpu = usage(before, snapshot(pgid))
-                if cpu.cores_stolen <= args.max_steal:
+                quiet = cpu.cores_stolen <= args.max_steal
+                if quiet:
                     break
                 # The profile and the calibration ran on whole cores; a measurement on fewer is not
                 # the system that was predicted. Measure again, up to --retries times.
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 "measurement": meas,
                 "cpu": cpu._asdict(),
                 "attempts": attempt,
-                "quiet_host": cpu.cores_stolen <= args.max_steal,
+                "quiet_host": quiet,
                 "records": [[r.ttft, r.tpot, r.error is None] for r in res.records],
             }
             rows.append(row)
@@ -258,7 +259,7 @@ def table(report: dict[str, Any]) -> str:
             f"| {r['rate']:g} | {r['predicted']:.3f} | {r['measured']:.3f} ({low:.3f}-{high:.3f}) "
             f"| {r['difference_points']:+.1f} | {r['predicted_without_contention']:.3f} "
             f"| x{r['host_slowdown']:.2f}{' (saturated)' if r['host_saturated'] else ''} | {r['cpu']['cores_others']:.2f} "
-            f"| {r['cpu'].get('cores_stolen', 0.0):.2f} |"
+            f"| {r['cpu']['cores_stolen']:.2f} |"
         )
     return "\n".join(lines)
 
