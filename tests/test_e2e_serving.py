@@ -89,7 +89,9 @@ def test_sixteen_streams_match_colocated_and_transformers(server: TritonServer, 
         assert d.error is None and c.error is None
         assert d.output_ids == c.output_ids, prompt
         assert d.text == c.text and d.finish_reason == c.finish_reason == "length"
-        assert d.responses == n, "streaming: one response per token"
+        # Streaming: the first token alone, then the rest; tokens that queue behind a send share
+        # a response (backends/common/outbox.py), so at most one response per token.
+        assert 2 <= d.responses <= n
     for prompt, n in {(p, n) for p, n in cases[:6]}:
         expected = _hf_greedy(tiny_model_dir, prompt, n)
         got = disagg[cases.index((prompt, n))]

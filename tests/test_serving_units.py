@@ -17,7 +17,7 @@ from backends.common.sink import Outputs
 from backends.common.text_stream import TextStream
 from backends.engine.errors import RequestError
 from backends.engine.tokenizer import load_tokenizer
-from backends.orchestrator.pipeline import PhaseError, watched
+from backends.orchestrator.pipeline import PhaseError, watched, watched_batches
 from backends.orchestrator.router import Router, RoutingTable
 
 
@@ -115,6 +115,23 @@ def test_client_stream_streaming_and_whole(tokenizer: object) -> None:
     assert out["output_ids"].tolist() == ids and out["finish_reason"][0] == b"length"
 
 
+def test_client_stream_takes_several_tokens_at_once_and_cuts_ids_at_a_stop_word(tokenizer: object) -> None:
+    ids = tokenizer("Numbers tell stories too. END and more", add_special_tokens=False).input_ids  # type: ignore[operator]
+    one, many = RecordingSink(), RecordingSink()
+    per_token = ClientStream(one, tokenizer, stream=True, stop_words=("END",))
+    for t in ids:
+        if per_token.push([t]):
+            break
+    chunked = ClientStream(many, tokenizer, stream=True, stop_words=("END",))
+    assert not chunked.push(ids[:2]) and chunked.push(ids[2:])
+    assert chunked.ids == per_token.ids and len(chunked.ids) < len(ids)  # nothing after the stop word
+    text = ["".join(o["text_output"][0].decode() for o, _ in sink.responses) for sink in (one, many)]
+    assert text[0] == text[1] == "Numbers tell stories too. "
+    assert [f for _, f in many.responses] == [False, True] and many.responses[-1][0]["finish_reason"][
+        0
+    ] == b"stop"
+
+
 def test_router_picks_least_outstanding_tokens() -> None:
     router = Router(["a", "b"])
     with router.route(100) as first, router.route(10) as second, router.route(5) as third:
@@ -148,6 +165,29 @@ def test_watched_passes_items_raises_inband_errors_and_stalls() -> None:
         list(watched(stalls(), 0.3, "decode"))
     assert time.monotonic() - started < 3
     release.set()
+
+
+def test_watched_batches_hands_over_what_has_arrived_together() -> None:
+    go, queued = threading.Event(), threading.Event()
+
+    def burst() -> Iterator[dict[str, np.ndarray]]:
+        yield {"output_ids": np.array([1])}
+        go.wait(10)
+        for t in (2, 3):
+            yield {"output_ids": np.array([t])}
+        yield {
+            "finish_reason": np.array([b"error"], dtype=object),
+            "error_message": np.array([b"decode died"], dtype=object),
+        }
+        queued.set()  # resumed after the last yield: the reader thread has queued everything
+
+    batches = watched_batches(burst(), 5.0, "decode")
+    assert [int(r["output_ids"][0]) for r in next(batches)] == [1]
+    go.set()
+    assert queued.wait(5.0)
+    assert [int(r["output_ids"][0]) for r in next(batches)] == [2, 3]  # the tokens before the error
+    with pytest.raises(PhaseError, match="decode died"):
+        next(batches)
 
 
 def test_engine_config_from_parameters(tiny_model_dir: Path) -> None:

@@ -14,7 +14,9 @@ from backends.common import params as P
 from backends.common.client_stream import ClientStream
 from backends.common.interface import CLIENT_INPUTS
 from backends.common.metrics import BATCH_BUCKETS
+from backends.common.outbox import Outbox
 from backends.common.requests import parse_client_request, prompt_ids
+from backends.common.sink import merge_outputs
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.engine.engine import LLMEngine
 from backends.engine.errors import RequestError
@@ -31,6 +33,8 @@ class TritonPythonModel:
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
         self.latency = latency_metrics(m)
+        # As in decode: the engine loop hands responses over and never waits on a send.
+        self.outbox = Outbox(merge_outputs, name="colocated-outbox")
         self.worker = ColocatedWorker(
             self.engine,
             ColocatedMetrics(
@@ -61,9 +65,12 @@ class TritonPythonModel:
             except RequestError as e:
                 sink.error(str(e))
                 continue
-            stream = ClientStream(sink, self.tokenizer, req.stream, req.stop_words, self.latency, arrived)
+            stream = ClientStream(
+                self.outbox.sink(sink), self.tokenizer, req.stream, req.stop_words, self.latency, arrived
+            )
             self.worker.submit((seq, stream))
 
     def finalize(self) -> None:
         self.worker.stop()
+        self.outbox.close()  # after the worker has ended every request: their final responses
         self.metric_registry.close()

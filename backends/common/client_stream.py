@@ -54,20 +54,30 @@ class ClientStream:
         ended: generation finished, or a stop word appeared (the caller must stop generating)."""
         if self.done:
             return True
+        # Token by token, so a stop word ends the ids where it ends the text, however many tokens
+        # one push brings (the orchestrator forwards whatever decode sent meanwhile in one).
+        text, taken, stopped = "", [], False
+        for token in token_ids:
+            piece = self.text.push([token])
+            text += piece.text
+            taken.append(token)
+            if piece.stopped:
+                stopped = True
+                break
+        token_ids = taken
         self.ids += token_ids
-        piece = self.text.push(token_ids)
         first = self.first_at is None
-        if piece.stopped:
+        if stopped:
             finish_reason = "stop"
-        text = piece.text
-        if finish_reason and not piece.stopped:
+        if finish_reason and not stopped:
             text += self.text.finish()
         final = finish_reason is not None
         if self.stream:
             self.sink.send(client_outputs(text, token_ids, finish_reason), final=final)
         elif final:
             self.sink.send(client_outputs(self.text.sent, self.ids, finish_reason), final=True)
-        # Timed after the send returns: what the client sees, including waits for the sender.
+        # Timed after the send returns: what the client sees, including waits for the sender (for
+        # a sink from an Outbox, the colocated model's, when the response was handed over to it).
         now = time.perf_counter()
         if first:
             self.first_at = now

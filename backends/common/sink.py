@@ -32,6 +32,18 @@ def token_outputs(token_ids: list[int], finish_reason: str | None) -> Outputs:
     }
 
 
+def merge_outputs(first: Outputs, then: Outputs) -> Outputs:
+    """Two consecutive responses of one stream as one: token ids and text concatenated, every
+    other output (finish_reason, error_message) from the later one."""
+    merged = {**first, **then}
+    if "output_ids" in first and "output_ids" in then:
+        merged["output_ids"] = np.concatenate([first["output_ids"], then["output_ids"]])
+    if "text_output" in first and "text_output" in then:
+        text = first["text_output"].reshape(-1)[0] + then["text_output"].reshape(-1)[0]
+        merged["text_output"] = np.asarray([text], dtype=object)
+    return merged
+
+
 def error_outputs(message: str) -> Outputs:
     """An in-band error (see interface.ERROR_OUTPUT)."""
     return {

@@ -106,11 +106,15 @@ class _LockedMetric:
 
     def __init__(self, metric: Any) -> None:
         self._metric: Any = metric
+        self._value: float | None = None
 
     def set(self, value: float) -> None:
+        if value == self._value:  # engine loops set their gauges every step; most don't change
+            return
         with PB_LOCK:
             if self._metric is not None:
                 self._metric.set(value)
+                self._value = value
 
     def increment(self, value: float) -> None:
         with PB_LOCK:

@@ -1,8 +1,9 @@
-"""Triton python-backend model: the decode instance (decoupled; one response per token).
+"""Triton python-backend model: the decode instance (decoupled, streaming).
 
 Inputs: input_ids (the prompt), first_token, kv_handle (from prefill) and the sampling inputs.
 Pulls the KV named by the handle into its own pool, then decodes with continuous batching over
-every request it holds, streaming output_ids (one token per response) and, on the last one,
+every request it holds, streaming output_ids (each response has the tokens made since the previous
+one: one, unless its send fell behind; see common/outbox.py) and, on the last one,
 finish_reason with the final flag.
 """
 
@@ -16,8 +17,9 @@ import numpy as np
 from backends.common import params as P
 from backends.common.interface import DECODE_INPUTS
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from backends.common.outbox import Outbox
 from backends.common.requests import parse_ids, parse_sampling, text_input
-from backends.common.sink import token_outputs
+from backends.common.sink import merge_outputs, token_outputs
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
 from backends.engine.engine import LLMEngine
@@ -39,6 +41,8 @@ class TritonPythonModel:
         self.receiver = create_receiver(transport, self.engine.pool, ReceiverConfig())
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
+        # Tokens go out from the outbox's thread: the decode loop never waits on a send.
+        self.outbox = Outbox(merge_outputs, name="decode-outbox")
         self.worker = DecodeWorker(
             self.engine,
             self.receiver,
@@ -91,10 +95,11 @@ class TritonPythonModel:
             except (RequestError, KVHandleError) as e:
                 sink.error(str(e))
                 continue
-            sink.acknowledge()
-            self.worker.submit(DecodeJob(seq, handle, sink))
+            sink.acknowledge()  # directly: before any token of this request
+            self.worker.submit(DecodeJob(seq, handle, self.outbox.sink(sink)))
 
     def finalize(self) -> None:
         self.worker.stop()
+        self.outbox.close()  # after the worker has ended every request: their final responses
         self.receiver.close()
         self.metric_registry.close()

@@ -58,8 +58,17 @@ def _text(arr: Any) -> str:
 
 def watched(responses: Iterable[Response], timeout_s: float, what: str) -> Iterator[Response]:
     """Yields responses, raising PhaseError if none arrives for timeout_s or one is an in-band
-    error. A reader thread does the blocking iteration (the BLS iterator has no timeout); if the
-    callee died, that thread stays blocked, which is the price of not hanging the client."""
+    error (see watched_batches)."""
+    for batch in watched_batches(responses, timeout_s, what):
+        yield from batch
+
+
+def watched_batches(responses: Iterable[Response], timeout_s: float, what: str) -> Iterator[list[Response]]:
+    """Yields the responses that have arrived, all of them at once (at least one), raising
+    PhaseError if none arrives for timeout_s or one is an in-band error (after yielding those
+    before it). A reader thread does the blocking iteration (the BLS iterator has no timeout); if
+    the callee died, that thread stays blocked, which is the price of not hanging the client.
+    Batches are what let a caller whose own sends are slow forward several tokens in one."""
     inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
     def pump() -> None:
@@ -73,17 +82,32 @@ def watched(responses: Iterable[Response], timeout_s: float, what: str) -> Itera
     threading.Thread(target=pump, name=f"bls-{what}", daemon=True).start()
     while True:
         try:
-            kind, value = inbox.get(timeout=timeout_s)
+            events = [inbox.get(timeout=timeout_s)]
         except queue.Empty:
             raise PhaseError(f"{what} sent nothing for {timeout_s:g} s; the instance may be down") from None
-        if kind == "end":
+        while events[-1][0] == "item":
+            try:
+                events.append(inbox.get_nowait())
+            except queue.Empty:
+                break
+        batch: list[Response] = []
+        for kind, value in events:
+            if kind == "item" and "finish_reason" in value and _text(value["finish_reason"]) == "error":
+                kind, value = (
+                    "failed",
+                    _text(value["error_message"]) if "error_message" in value else "unknown error",
+                )
+            if kind == "item":
+                batch.append(value)
+                continue
+            if batch:
+                yield batch
+            if kind == "error":
+                raise PhaseError(f"{what} failed: {value}")
+            if kind == "failed":
+                raise PhaseError(value)
             return
-        if kind == "error":
-            raise PhaseError(f"{what} failed: {value}")
-        if "finish_reason" in value and _text(value["finish_reason"]) == "error":
-            message = _text(value["error_message"]) if "error_message" in value else "unknown error"
-            raise PhaseError(message)
-        yield value
+        yield batch
 
 
 class Pipeline:
@@ -130,12 +154,14 @@ class Pipeline:
             "request_id": np.asarray([request_id.encode()], dtype=object),
         }
         with decode.route(params.max_tokens - 1) as model:
-            for r in watched(self.call(model, inputs), self.timeouts.decode_stall_s, "decode"):
+            for batch in watched_batches(self.call(model, inputs), self.timeouts.decode_stall_s, "decode"):
                 if stream.is_cancelled():
                     self._cancel(model, request_id)
                     return
-                tokens = [int(t) for t in np.asarray(r.get("output_ids", [])).reshape(-1)]
-                reason = _text(r["finish_reason"]) if "finish_reason" in r else None
+                # Everything decode sent while this request's last send was under way goes in one.
+                tokens = [int(t) for r in batch for t in np.asarray(r.get("output_ids", [])).reshape(-1)]
+                reasons = [_text(r["finish_reason"]) for r in batch if "finish_reason" in r]
+                reason = reasons[-1] if reasons else None
                 if not tokens and not reason:
                     continue  # a heartbeat
                 if stream.push(tokens, reason or None):

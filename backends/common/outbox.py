@@ -1,0 +1,119 @@
+"""Responses sent from a thread of their own, merged per stream while they wait.
+
+A python-backend send is a round trip to the server (the stub waits until the server has taken
+the response): about 0.1 ms on an idle host, a millisecond or more when the cores are busy. An
+engine loop that sent each token itself paid that once per running sequence per step, which made
+the sends, not the model, what bounded decode throughput, and made it fall as the host filled.
+
+An Outbox takes those sends off the engine loop. Contract:
+- ``sink(inner)`` wraps a ResponseSink; its send() and error() return at once and the outbox's
+  thread makes the real calls on `inner`, in the order they were made for that stream.
+- Responses of one stream that queue up behind a slow send are merged into one with `merge`
+  (tokens concatenated; see sink.merge_outputs), so under load one response carries several
+  tokens, and at light load every token still goes out as soon as it exists.
+- A final response or an error closes the stream: later calls are ignored, as for any sink.
+- ``close()`` sends everything still queued, then stops the thread; call it after the engine loop
+  has ended its requests, so every request still gets its final response.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from backends.common.sink import Outputs, ResponseSink
+
+log = logging.getLogger(__name__)
+
+Merge = Callable[[Outputs, Outputs], Outputs]
+
+
+class _Stream:
+    """One stream's queued work: outputs not yet sent, and whether they end it."""
+
+    __slots__ = ("closed", "error", "final", "inner", "outputs", "queued")
+
+    def __init__(self, inner: ResponseSink) -> None:
+        self.inner = inner
+        self.outputs: Outputs | None = None
+        self.final = False
+        self.error: str | None = None
+        self.closed = False  # a final response or an error was queued
+        self.queued = False  # in the outbox's ready queue
+
+
+class OutboxSink:
+    """The ResponseSink an Outbox hands out (see the module docstring)."""
+
+    def __init__(self, outbox: Outbox, inner: ResponseSink) -> None:
+        self._outbox = outbox
+        self._stream = _Stream(inner)
+
+    def send(self, outputs: Outputs, final: bool) -> None:
+        self._outbox._put(self._stream, outputs, final, None)
+
+    def error(self, message: str) -> None:
+        self._outbox._put(self._stream, None, True, message)
+
+    def is_cancelled(self) -> bool:
+        return self._stream.inner.is_cancelled()
+
+
+class Outbox:
+    def __init__(self, merge: Merge, name: str = "outbox") -> None:
+        self._merge = merge
+        self._cond = threading.Condition()
+        self._ready: deque[_Stream] = deque()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def sink(self, inner: ResponseSink) -> OutboxSink:
+        return OutboxSink(self, inner)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Sends what is queued, then stops the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def pending(self) -> int:
+        """Streams with something not yet sent."""
+        with self._cond:
+            return len(self._ready)
+
+    def _put(self, stream: _Stream, outputs: Outputs | None, final: bool, error: str | None) -> None:
+        with self._cond:
+            if stream.closed:
+                return
+            if outputs is not None:
+                stream.outputs = outputs if stream.outputs is None else self._merge(stream.outputs, outputs)
+            stream.final = final
+            stream.error = error
+            stream.closed = final
+            if not stream.queued:
+                stream.queued = True
+                self._ready.append(stream)
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ready and not self._closing:
+                    self._cond.wait()
+                if not self._ready:
+                    return  # closing, and everything was sent
+                stream = self._ready.popleft()
+                stream.queued = False
+                outputs, final, error = stream.outputs, stream.final, stream.error
+                stream.outputs = None
+            try:
+                if outputs is not None:
+                    stream.inner.send(outputs, final=final and error is None)
+                if error is not None:
+                    stream.inner.error(error)
+            except Exception:  # a sink that raises must not stop every other stream's responses
+                log.exception("sending a response failed")
