@@ -92,22 +92,23 @@ def watched_batches(responses: Iterable[Response], timeout_s: float, what: str) 
                 break
         batch: list[Response] = []
         for kind, value in events:
-            if kind == "item" and "finish_reason" in value and _text(value["finish_reason"]) == "error":
-                kind, value = (
-                    "failed",
-                    _text(value["error_message"]) if "error_message" in value else "unknown error",
-                )
-            if kind == "item":
+            message = inband_error(value) if kind == "item" else None
+            if kind == "item" and message is None:
                 batch.append(value)
                 continue
             if batch:
                 yield batch
-            if kind == "error":
-                raise PhaseError(f"{what} failed: {value}")
-            if kind == "failed":
-                raise PhaseError(value)
-            return
+            if kind == "end":
+                return
+            raise PhaseError(message if message is not None else f"{what} failed: {value}")
         yield batch
+
+
+def inband_error(response: Response) -> str | None:
+    """The message of an in-band error response (see interface.ERROR_OUTPUT), else None."""
+    if "finish_reason" in response and _text(response["finish_reason"]) == "error":
+        return _text(response["error_message"]) if "error_message" in response else "unknown error"
+    return None
 
 
 class Pipeline:
