@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from backends.common.outbox import Outbox
-from backends.common.sink import Outputs, merge_outputs, token_outputs
+from backends.common.sink import Outputs, ResponseSink, merge_outputs, token_outputs
 
 
 class GatedSink:
@@ -38,13 +38,19 @@ class GatedSink:
         return False
 
 
-def test_tokens_queued_behind_a_slow_send_go_out_together_in_order() -> None:
+def held_after_first_token() -> tuple[threading.Event, GatedSink, Outbox, ResponseSink]:
+    """An outbox whose stream has sent token 1, and whose send of it is held until `gate` is set."""
     gate = threading.Event()
     inner = GatedSink(gate)
     outbox = Outbox(merge_outputs)
     sink = outbox.sink(inner)
     sink.send(token_outputs([1], None), final=False)
-    assert inner.first_send.wait(5.0)  # token 1's send is under way and held at the gate
+    assert inner.first_send.wait(5.0)
+    return gate, inner, outbox, sink
+
+
+def test_tokens_queued_behind_a_slow_send_go_out_together_in_order() -> None:
+    gate, inner, outbox, sink = held_after_first_token()
     for t in (2, 3, 4):
         sink.send(token_outputs([t], None), final=False)
     sink.send(token_outputs([5], "length"), final=True)
@@ -70,12 +76,7 @@ def test_each_token_is_its_own_response_when_sends_keep_up() -> None:
 
 
 def test_an_error_follows_the_tokens_before_it_and_closes_the_stream() -> None:
-    gate = threading.Event()
-    inner = GatedSink(gate)
-    outbox = Outbox(merge_outputs)
-    sink = outbox.sink(inner)
-    sink.send(token_outputs([1], None), final=False)
-    assert inner.first_send.wait(5.0)
+    gate, inner, outbox, sink = held_after_first_token()
     sink.send(token_outputs([2], None), final=False)
     sink.error("KV transfer failed")
     sink.send(token_outputs([3], "length"), final=True)

@@ -33,14 +33,13 @@ Merge = Callable[[Outputs, Outputs], Outputs]
 class _Stream:
     """One stream's queued work: outputs not yet sent, and whether they end it."""
 
-    __slots__ = ("closed", "error", "final", "inner", "outputs", "queued")
+    __slots__ = ("closed", "error", "inner", "outputs", "queued")
 
     def __init__(self, inner: ResponseSink) -> None:
         self.inner = inner
         self.outputs: Outputs | None = None
-        self.final = False
         self.error: str | None = None
-        self.closed = False  # a final response or an error was queued
+        self.closed = False  # a final response or an error was queued: what is queued is the last
         self.queued = False  # in the outbox's ready queue
 
 
@@ -80,18 +79,12 @@ class Outbox:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def pending(self) -> int:
-        """Streams with something not yet sent."""
-        with self._cond:
-            return len(self._ready)
-
     def _put(self, stream: _Stream, outputs: Outputs | None, final: bool, error: str | None) -> None:
         with self._cond:
             if stream.closed:
                 return
             if outputs is not None:
                 stream.outputs = outputs if stream.outputs is None else self._merge(stream.outputs, outputs)
-            stream.final = final
             stream.error = error
             stream.closed = final
             if not stream.queued:
@@ -108,7 +101,7 @@ class Outbox:
                     return  # closing, and everything was sent
                 stream = self._ready.popleft()
                 stream.queued = False
-                outputs, final, error = stream.outputs, stream.final, stream.error
+                outputs, final, error = stream.outputs, stream.closed, stream.error
                 stream.outputs = None
             try:
                 if outputs is not None:
