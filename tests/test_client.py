@@ -49,7 +49,9 @@ def test_stream_and_generate_agree(server: TritonServer, protocol: str, model: s
         pieces = list(c.stream(PROMPT, params, model=model))
         whole = c.generate(PROMPT, params, model=model)
         by_ids = c.generate([*whole.token_ids[:5], 7, 9], params, model=model)
-    assert len(pieces) == 24, "one piece per token when streaming"
+    # One piece per token unless a send fell behind and the tokens queued behind it came together
+    # (backends/common/outbox.py); the orchestrator always streams the first token on its own.
+    assert (2 if model == "orchestrator" else 1) <= len(pieces) <= 24
     assert "".join(p.text for p in pieces) == whole.text and whole.text
     assert tuple(t for p in pieces for t in p.token_ids) == whole.token_ids
     assert whole.finish_reason == pieces[-1].finish_reason == "length"

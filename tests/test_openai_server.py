@@ -50,7 +50,10 @@ def test_completions_match_the_client(stack: tuple[str, str], oai: openai.OpenAI
     assert whole.choices[0].text == ref.text and whole.choices[0].finish_reason == "length"
     assert whole.usage is not None and whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
     chunks = list(oai.completions.create(model=model, prompt=PROMPT, max_tokens=12, stream=True))
-    assert len(chunks) == 12 and "".join(ch.choices[0].text for ch in chunks) == ref.text
+    # At most a chunk per token: tokens that queued behind a slow send arrive together (the
+    # orchestrator always streams the first token on its own).
+    assert (2 if model == "orchestrator" else 1) <= len(chunks) <= 12
+    assert "".join(ch.choices[0].text for ch in chunks) == ref.text
     assert chunks[-1].choices[0].finish_reason == "length"
     by_ids = oai.completions.create(model=model, prompt=[5, 6, 7, 8], max_tokens=4)
     assert by_ids.usage is not None and by_ids.usage.prompt_tokens == 4
