@@ -9,6 +9,7 @@ detected by a stall timeout instead of hanging the client.
 
 from __future__ import annotations
 
+import functools
 import queue
 import secrets
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from backends.common.client_stream import ClientStream
+from backends.common.sink import merge_outputs
 from backends.engine.sampling import SamplingParams
 from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.router import RoutingTable
@@ -160,9 +162,9 @@ class Pipeline:
                     self._cancel(model, request_id)
                     return
                 # Everything decode sent while this request's last send was under way goes in one.
-                tokens = [int(t) for r in batch for t in np.asarray(r.get("output_ids", [])).reshape(-1)]
-                reasons = [_text(r["finish_reason"]) for r in batch if "finish_reason" in r]
-                reason = reasons[-1] if reasons else None
+                r = functools.reduce(merge_outputs, batch)
+                tokens = [int(t) for t in np.asarray(r.get("output_ids", [])).reshape(-1)]
+                reason = _text(r["finish_reason"]) if "finish_reason" in r else None
                 if not tokens and not reason:
                     continue  # a heartbeat
                 if stream.push(tokens, reason or None):
