@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from measure.cpu_usage import snapshot, usage
 from planner import PlannerError
-from planner.cpu_usage import snapshot, usage
 from planner.deployment import EngineParams
 from planner.host_cpu import Contention, HostCpu, Load, Probe, fit_host, fit_slowdown, solve
 from planner.latency import PhaseLatency

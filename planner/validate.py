@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from measure.cpu_usage import snapshot, usage
 from planner import PlannerError
 from planner.calibration import NO_OVERHEAD, CalibrationPlan, calibrate, with_overheads
 from planner.check_predict import ProbeRun, Requests, predict, predict_contended, probe_host
-from planner.cpu_usage import snapshot, usage
 from planner.deployment import default_deployment
 from planner.host_cpu import NO_CONTENTION, HostCpu
 from planner.latency import PhaseLatency

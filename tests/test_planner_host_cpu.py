@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
+from measure.cpu_usage import CpuSnapshot, snapshot, usage
 from planner import PlannerError
-from planner.cpu_usage import CpuSnapshot, snapshot, usage
 from planner.host_cpu import HostCpu, Load, Probe, fit_host, fit_slowdown, solve
 from planner.latency import PhaseLatency
 from planner.profile import TpProfile

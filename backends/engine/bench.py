@@ -6,7 +6,8 @@
 Both sides get the same random prompts (equal lengths, so transformers needs no padding) and
 generate exactly --new-tokens tokens greedily (EOS ignored). Prefill throughput is prompt tokens
 over the time to the first token; decode throughput is the remaining tokens over the remaining
-time. transformers runs `generate` with its default KV cache, batched.
+time. transformers runs `generate` with its default KV cache, batched. Each row ends with the cores
+the hypervisor stole while it ran (/proc/stat steal): figures from a row with much stolen are low.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from backends.engine.config import EngineConfig
 from backends.engine.engine import LLMEngine
 from backends.engine.sampling import SamplingParams
 from backends.engine.sequence import Sequence
+from measure.cpu_usage import snapshot, usage
 
 
 class Throughput(NamedTuple):
@@ -95,6 +97,7 @@ def main() -> None:
         f"{'batch':>5} | {'engine prefill':>14} {'hf prefill':>11} {'ratio':>6} | {'engine decode':>13} {'hf decode':>10} {'ratio':>6}  (tok/s)"
     )
     for b in batches:
+        before = snapshot()
         prompts = torch.randint(3, vocab, (b, args.prompt_len), generator=gen).tolist()
         bench_engine(engine, prompts[:1], 4)  # warm-up
         bench_transformers(hf, prompts[:1], 4)
@@ -108,6 +111,7 @@ def main() -> None:
         print(
             f"{b:>5} | {ours.prefill_tok_s:>14.0f} {ref.prefill_tok_s:>11.0f} {ours.prefill_tok_s / ref.prefill_tok_s:>6.2f} | "
             f"{ours.decode_tok_s:>13.0f} {ref.decode_tok_s:>10.0f} {ours.decode_tok_s / ref.decode_tok_s:>6.2f}"
+            f"  [{usage(before, snapshot()).cores_stolen:.2f} cores stolen]"
         )
 
 
