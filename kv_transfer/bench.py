@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from backends.engine.kv_cache import KVLayout, KVPool
+from engine.kv_cache import KVLayout, KVPool
 from kv_transfer.config import ReceiverConfig
 from kv_transfer.factory import create_receiver
 from kv_transfer.handle import KVHandle

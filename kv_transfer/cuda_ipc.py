@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from backends.engine.block_manager import BlockManager
-from backends.engine.kv_cache import KVPool, dtype_name
+from engine.block_manager import BlockManager
+from engine.kv_cache import KVPool, dtype_name
 from kv_transfer.base import KVReceiver, KVSender, ProgressFn
 from kv_transfer.blockcopy import matched_runs, planes_u8
 from kv_transfer.config import ReceiverConfig, SenderConfig

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from backends.engine.block_manager import BlockManager
-from backends.engine.kv_cache import KVPool
+from engine.block_manager import BlockManager
+from engine.kv_cache import KVPool
 from kv_transfer.base import KVReceiver, KVSender
 from kv_transfer.config import ReceiverConfig, SenderConfig
 from kv_transfer.handle import TRANSPORTS

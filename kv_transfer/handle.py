@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from backends.engine.kv_cache import DTYPES, KVLayout
+from engine.kv_cache import DTYPES, KVLayout
 from kv_transfer.errors import KVHandleError
 
 HANDLE_VERSION = 1

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from backends.engine.block_manager import BlockManager
+from engine.block_manager import BlockManager
 from kv_transfer.counters import TransferCounters
 from kv_transfer.errors import (
     KVLeaseCancelledError,

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from backends.engine.block_manager import BlockManager
-from backends.engine.kv_cache import KVPool
+from engine.block_manager import BlockManager
+from engine.kv_cache import KVPool
 from kv_transfer.base import KVReceiver, KVSender, ProgressFn, _int_field, _lease_id
 from kv_transfer.blockcopy import combine_digests, matched_runs, planes_u8
 from kv_transfer.config import ReceiverConfig, SenderConfig

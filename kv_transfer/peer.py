@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from backends.engine.block_manager import BlockManager
-from backends.engine.kv_cache import KVLayout, KVPool
+from engine.block_manager import BlockManager
+from engine.kv_cache import KVLayout, KVPool
 from kv_transfer.base import KVSender
 from kv_transfer.config import SenderConfig
 from kv_transfer.factory import create_sender

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from backends.engine.kv_cache import KVLayout
+from engine.kv_cache import KVLayout
 from kv_transfer.errors import KVLayoutMismatchError
 
 

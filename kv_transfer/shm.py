@@ -15,8 +15,8 @@ from collections import OrderedDict
 
 import torch
 
-from backends.engine.block_manager import BlockManager
-from backends.engine.kv_cache import KVLayout, KVPool
+from engine.block_manager import BlockManager
+from engine.kv_cache import KVLayout, KVPool
 from kv_transfer.base import KVReceiver, KVSender, ProgressFn
 from kv_transfer.blockcopy import matched_runs, planes_u8
 from kv_transfer.config import ReceiverConfig, SenderConfig

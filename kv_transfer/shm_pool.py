@@ -19,7 +19,7 @@ from multiprocessing import shared_memory
 
 import torch
 
-from backends.engine.kv_cache import KVLayout, KVPool
+from engine.kv_cache import KVLayout, KVPool
 from kv_transfer.errors import KVTransferError
 from kv_transfer.handle import SEGMENT_RE
 

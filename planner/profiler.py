@@ -72,10 +72,10 @@ def measure(
 ) -> tuple[list[PrefillSample], list[DecodeSample]]:
     """Run the engine over the grid; times in milliseconds, the minimum of `repeats` runs (other load on
     the machine only ever adds time, so the minimum is the engine's own cost)."""
-    from backends.engine.config import EngineConfig
-    from backends.engine.engine import LLMEngine
-    from backends.engine.sampling import SamplingParams
-    from backends.engine.sequence import Sequence
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling import SamplingParams
+    from engine.sequence import Sequence
 
     spec = from_hf_config(model_dir)
     max_len = spec.max_position_embeddings

@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded default model (built by `make model`; built here if missing)."""
     if (DEFAULT_MODEL / "config.json").is_file():
         return DEFAULT_MODEL
-    from backends.engine.tiny import build
+    from engine.tiny import build
 
     return build(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
@@ -72,7 +72,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct (built by `make model-smollm2`; built here the same way if missing)."""
     if not (SMOLLM2_MODEL / "config.json").is_file():
-        from backends.engine.smollm2 import DEFAULT_CACHE, build
+        from engine.smollm2 import DEFAULT_CACHE, build
 
         build(SMOLLM2_MODEL, ROOT / DEFAULT_CACHE)
     return SMOLLM2_MODEL

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from backends.engine.block_manager import BlockManager, OutOfBlocksError
+from engine.block_manager import BlockManager, OutOfBlocksError
 
 
 def test_allocate_until_exhausted_then_fail() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.engine.config import EngineConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.sampling import SamplingParams
-from backends.engine.sequence import Sequence
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
 
 
 def _engine(model_dir: Path, mode: str) -> LLMEngine:

@@ -13,7 +13,7 @@ def test_generate_json_matches_transformers(tiny_model_dir: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "backends.engine",
+        "engine",
         "generate",
         "--model",
         str(tiny_model_dir),
@@ -44,7 +44,7 @@ def test_bad_arguments_exit_with_a_clear_error(tiny_model_dir: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "backends.engine",
+        "engine",
         "generate",
         "--model",
         str(tiny_model_dir),

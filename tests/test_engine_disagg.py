@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backends.engine.config import EngineConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.sampling import SamplingParams
-from backends.engine.sequence import Sequence
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
 
 PROMPTS = [[1, 11, 12, 13, 14, 15, 16, 17, 18, 19], [1, 200, 201], [1, *range(300, 340)]]
 PARAMS = [

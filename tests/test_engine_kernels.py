@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from backends.engine.config import EngineConfig, RopeConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.kernels import CompiledCpuKernels, TorchKernels, kernels_for, load_compiled
-from backends.engine.rope import RotaryEmbedding
-from backends.engine.sampling import SamplingParams
-from backends.engine.sequence import Sequence
+from engine.config import EngineConfig, RopeConfig
+from engine.engine import LLMEngine
+from engine.kernels import CompiledCpuKernels, TorchKernels, kernels_for, load_compiled
+from engine.rope import RotaryEmbedding
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
 
 # What building the kernels needs; where all of it exists, they must build.
 CAN_BUILD = (

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.engine.config import EngineConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.sampling import SamplingParams
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
 
 NEW_TOKENS = 40
 
@@ -54,7 +54,7 @@ def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
 
 @pytest.mark.parametrize("decode_attention", ["dense", "paged"])
 def test_default_model_matches_transformers(tiny_model_dir: Path, decode_attention: str) -> None:
-    from backends.engine.tokenizer import load_tokenizer
+    from engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
     texts = ["The quick brown fox", "Once upon a time there was a harbor town", "Memory holds the data", "A"]

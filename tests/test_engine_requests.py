@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from backends.engine.config import EngineConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.errors import RequestError
-from backends.engine.sampling import SamplingParams
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.errors import RequestError
+from engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

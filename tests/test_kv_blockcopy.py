@@ -10,7 +10,7 @@ import pytest
 import torch
 import xxhash
 
-from backends.engine.kv_cache import KVLayout, KVPool
+from engine.kv_cache import KVLayout, KVPool
 from kv_transfer.blockcopy import PlaneCopier, combine_digests, matched_runs, planes_u8
 from kv_transfer.control import ControlClient, ControlServer, recv_header, send_header
 from kv_transfer.errors import KVLeaseExpiredError, KVProtocolError, KVTransferError

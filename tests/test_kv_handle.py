@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from backends.engine.kv_cache import KVLayout
+from engine.kv_cache import KVLayout
 from kv_transfer.errors import KVHandleError, KVLayoutMismatchError
 from kv_transfer.handle import MAX_HANDLE_BYTES, KVHandle, ShardRef, runs_of
 from kv_transfer.reshard import check_compatible, plan_pull

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from backends.engine.block_manager import BlockManager
+from engine.block_manager import BlockManager
 from kv_transfer.counters import TransferCounters
 from kv_transfer.errors import (
     KVLeaseCancelledError,
@@ -108,7 +108,7 @@ def test_close_frees_everything() -> None:
 def test_sender_register_validates_and_close_releases_everything() -> None:
     import socket
 
-    from backends.engine.kv_cache import KVLayout, KVPool
+    from engine.kv_cache import KVLayout, KVPool
     from kv_transfer import SenderConfig, create_sender
 
     layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, block_size=4, dtype="float32")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from backends.engine.kv_cache import KVLayout, KVPool
+from engine.kv_cache import KVLayout, KVPool
 from kv_transfer import (
     KVHandle,
     KVHandleError,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from backends.engine.kv_cache import KVLayout, KVPool
+from engine.kv_cache import KVLayout, KVPool
 from kv_transfer import (
     KVHandle,
     KVLayoutMismatchError,

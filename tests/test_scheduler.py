@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.engine.config import EngineConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.sampling import SamplingParams
-from backends.engine.sequence import Sequence
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
 
 
 def _engine(model: Path, **kw: int) -> LLMEngine:

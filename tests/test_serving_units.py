@@ -15,10 +15,10 @@ from backends.common.params import engine_config
 from backends.common.requests import parse_client_request
 from backends.common.sink import Outputs
 from backends.common.text_stream import TextStream
-from backends.engine.errors import RequestError
-from backends.engine.tokenizer import load_tokenizer
 from backends.orchestrator.pipeline import PhaseError, watched, watched_batches
 from backends.orchestrator.router import Router, RoutingTable
+from engine.errors import RequestError
+from engine.tokenizer import load_tokenizer
 
 
 class RecordingSink:

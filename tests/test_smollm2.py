@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.engine import smollm2
-from backends.engine.config import EngineConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.sampling import SamplingParams
+from engine import smollm2
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
 
 # Questions whose greedy answers run past 32 tokens, with prompts of different lengths.
 QUESTIONS = (
@@ -50,8 +50,8 @@ def test_failed_download_names_what_to_do(tmp_path: Path) -> None:
 def test_built_folder_is_a_complete_checkpoint(smollm2_dir: Path) -> None:
     names = {p.name for p in smollm2_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
-    from backends.engine.config import ModelConfig
-    from backends.engine.tokenizer import load_tokenizer
+    from engine.config import ModelConfig
+    from engine.tokenizer import load_tokenizer
 
     mc = ModelConfig.from_dir(smollm2_dir)
     assert (mc.model_type, mc.num_layers, mc.hidden_size, mc.num_heads, mc.num_kv_heads) == (
@@ -70,7 +70,7 @@ def test_built_folder_is_a_complete_checkpoint(smollm2_dir: Path) -> None:
 def test_engine_batched_equals_transformers_on_chat_prompts(smollm2_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from backends.engine.tokenizer import load_tokenizer
+    from engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(smollm2_dir)
     prompts = [

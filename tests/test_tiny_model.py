@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backends.engine.tiny import build
+from engine.tiny import build
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +16,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_default_model_build_is_deterministic_and_loads_in_transformers(tmp_path: Path) -> None:
     a = build(tmp_path / "a")
-    subprocess.run([sys.executable, "-m", "backends.engine.tiny", str(tmp_path / "b")], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "engine.tiny", str(tmp_path / "b")], check=True, cwd=ROOT)
     assert _digest(a) == _digest(tmp_path / "b")
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(_digest(a))
 

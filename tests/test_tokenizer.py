@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 
 def test_incremental_pieces_concatenate_to_the_full_decode(tiny_model_dir: Path) -> None:

@@ -18,10 +18,10 @@ from backends.common.outbox import Outbox
 from backends.common.requests import parse_client_request, prompt_ids
 from backends.common.sink import merge_outputs
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
-from backends.engine.engine import LLMEngine
-from backends.engine.errors import RequestError
-from backends.engine.tokenizer import load_tokenizer
 from backends.orchestrator.telemetry import latency_metrics
+from engine.engine import LLMEngine
+from engine.errors import RequestError
+from engine.tokenizer import load_tokenizer
 
 
 class TritonPythonModel:

@@ -8,8 +8,8 @@ from typing import NamedTuple
 from backends.common.client_stream import ClientStream
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.worker_loop import WorkerLoop
-from backends.engine.engine import LLMEngine
-from backends.engine.sequence import Sequence
+from engine.engine import LLMEngine
+from engine.sequence import Sequence
 
 
 class ColocatedMetrics(NamedTuple):

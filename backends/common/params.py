@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from backends.engine.config import EngineConfig
+from engine.config import EngineConfig
 
 
 def decoupled_model_parameters(args: Mapping[str, str]) -> tuple[dict[str, str], Path]:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.engine.errors import RequestError
-from backends.engine.sampling import SamplingParams
+from engine.errors import RequestError
+from engine.sampling import SamplingParams
 
 Inputs = Mapping[str, np.ndarray]
 

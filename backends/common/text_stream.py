@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from backends.engine.tokenizer import IncrementalDetokenizer
+from engine.tokenizer import IncrementalDetokenizer
 
 
 class Piece(NamedTuple):

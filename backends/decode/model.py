@@ -22,8 +22,8 @@ from backends.common.requests import parse_ids, parse_sampling, text_input
 from backends.common.sink import merge_outputs, token_outputs
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
-from backends.engine.engine import LLMEngine
-from backends.engine.errors import RequestError
+from engine.engine import LLMEngine
+from engine.errors import RequestError
 from kv_transfer.config import ReceiverConfig
 from kv_transfer.errors import KVHandleError
 from kv_transfer.factory import create_receiver

@@ -25,9 +25,9 @@ import numpy as np
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink, token_outputs
 from backends.common.worker_loop import WorkerLoop
-from backends.engine.engine import LLMEngine
-from backends.engine.scheduler import fits
-from backends.engine.sequence import Sequence, Status
+from engine.engine import LLMEngine
+from engine.scheduler import fits
+from engine.sequence import Sequence, Status
 from kv_transfer.base import KVReceiver
 from kv_transfer.handle import KVHandle
 

@@ -23,13 +23,13 @@ from backends.common.client_stream import ClientStream
 from backends.common.interface import CLIENT_INPUTS, DECODE_OUTPUTS, PREFILL_OUTPUTS
 from backends.common.requests import parse_client_request, prompt_ids
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
-from backends.engine.errors import RequestError
-from backends.engine.tokenizer import load_tokenizer
 from backends.orchestrator.bls import BLSResponses, RetiredIterators
 from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import RoutingTable
 from backends.orchestrator.telemetry import latency_metrics
+from engine.errors import RequestError
+from engine.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 

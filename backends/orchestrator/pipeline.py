@@ -21,9 +21,9 @@ import numpy as np
 
 from backends.common.client_stream import ClientStream
 from backends.common.sink import merge_outputs
-from backends.engine.sampling import SamplingParams
 from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.router import RoutingTable
+from engine.sampling import SamplingParams
 
 Response = dict[str, np.ndarray]
 Call = Callable[[str, dict[str, np.ndarray]], Iterable[Response]]

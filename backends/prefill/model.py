@@ -17,10 +17,10 @@ from backends.common.interface import PREFILL_INPUTS
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from backends.common.requests import parse_ids, parse_sampling
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
-from backends.engine.engine import LLMEngine, kv_layout_for
-from backends.engine.errors import RequestError
 from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
 from backends.process_group import kv_segment_prefix
+from engine.engine import LLMEngine, kv_layout_for
+from engine.errors import RequestError
 from kv_transfer.config import SenderConfig
 from kv_transfer.factory import create_sender
 from kv_transfer.shm_pool import ShmKVPool

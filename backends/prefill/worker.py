@@ -21,8 +21,8 @@ import numpy as np
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink
 from backends.common.worker_loop import WorkerLoop
-from backends.engine.engine import LLMEngine
-from backends.engine.sequence import Sequence
+from engine.engine import LLMEngine
+from engine.sequence import Sequence
 from kv_transfer.base import KVSender
 
 log = logging.getLogger(__name__)

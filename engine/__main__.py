@@ -1,6 +1,6 @@
 """Command line: generate text with the engine.
 
-python -m backends.engine generate --model DIR --prompt TEXT [--prompt TEXT ...] --max-tokens N
+python -m engine generate --model DIR --prompt TEXT [--prompt TEXT ...] --max-tokens N
     [--temperature T --top-k K --top-p P --seed S] [--json] [--timings]
 """
 
@@ -11,16 +11,16 @@ import json
 import sys
 import time
 
-from backends.engine.config import EngineConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.errors import RequestError
-from backends.engine.sampling import SamplingParams
-from backends.engine.sequence import Sequence
-from backends.engine.tokenizer import load_tokenizer
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.errors import RequestError
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
+from engine.tokenizer import load_tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m backends.engine", description="LLM engine tools")
+    parser = argparse.ArgumentParser(prog="python -m engine", description="LLM engine tools")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one or more prompts (batched)")
     gen.add_argument("--model", required=True, help="Hugging Face checkpoint folder")

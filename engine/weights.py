@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from backends.engine.model import CausalLM
+from engine.model import CausalLM
 
 # Buffers some exporters write that the engine recomputes itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -1,6 +1,6 @@
 """Prefill and decode throughput of the engine vs transformers on the same model, same run.
 
-    python -m backends.engine.bench [--model DIR] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64]
+    python -m engine.bench [--model DIR] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64]
                                     [--decode-attention auto|dense|paged] [--repeats 3]
 
 Both sides get the same random prompts (equal lengths, so transformers needs no padding) and
@@ -19,10 +19,10 @@ from typing import NamedTuple
 
 import torch
 
-from backends.engine.config import EngineConfig
-from backends.engine.engine import LLMEngine
-from backends.engine.sampling import SamplingParams
-from backends.engine.sequence import Sequence
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
 from measure.cpu_usage import snapshot, usage
 
 

@@ -1,6 +1,6 @@
 """The embedded default model: a small random-weight Llama with its own byte-level BPE tokenizer.
 
-    python -m backends.engine.tiny OUT_DIR
+    python -m engine.tiny OUT_DIR
 
 Deterministic: the same command writes byte-identical files. The tokenizer is trained offline on
 the text in data/corpus.txt; weights come from a seeded generator, scaled up from the usual

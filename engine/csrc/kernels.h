@@ -1,4 +1,4 @@
-// Fused fp32 CPU kernels for the engine (backends/engine/kernels.py builds and loads them).
+// Fused fp32 CPU kernels for the engine (engine/kernels.py builds and loads them).
 //
 // Each replaces a chain of small PyTorch ops. On a small CPU every op dispatch costs 10-30 us in
 // a real step (cold caches between ops), which at batch 32 costs more than the arithmetic.

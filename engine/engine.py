@@ -22,18 +22,18 @@ from typing import NamedTuple
 
 import torch
 
-from backends.engine.block_manager import BlockManager
-from backends.engine.config import EngineConfig, ModelConfig
-from backends.engine.decode_cache import DenseDecodeCache
-from backends.engine.errors import RequestError
-from backends.engine.kernels import kernels_for
-from backends.engine.kv_cache import DTYPES, KVLayout, KVPool
-from backends.engine.model import CausalLM, StepInput
-from backends.engine.rope import RotaryEmbedding
-from backends.engine.sampling import SamplingParams, sample
-from backends.engine.scheduler import Scheduler
-from backends.engine.sequence import Sequence, Status
-from backends.engine.weights import load_weights
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.decode_cache import DenseDecodeCache
+from engine.errors import RequestError
+from engine.kernels import kernels_for
+from engine.kv_cache import DTYPES, KVLayout, KVPool
+from engine.model import CausalLM, StepInput
+from engine.rope import RotaryEmbedding
+from engine.sampling import SamplingParams, sample
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, Status
+from engine.weights import load_weights
 
 log = logging.getLogger(__name__)
 

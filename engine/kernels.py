@@ -6,7 +6,7 @@ the same ops as fused fp32 CPU kernels (csrc/), each one call instead of several
 batch 32 on a 2-core CPU those small ops cost more than the arithmetic), the projections as GEMMs
 over weights packed once in MKL's layout, and a whole dense decode step in one call.
 ``kernels_for`` picks one. The compiled kernels are built on first use by torch's extension builder
-(a C++ compiler and AVX2 are needed; ``python -m backends.engine.kernels`` builds them ahead of
+(a C++ compiler and AVX2 are needed; ``python -m engine.kernels`` builds them ahead of
 time) into ``csrc/build``.
 """
 

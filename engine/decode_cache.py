@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from backends.engine.kv_cache import KVPool
-from backends.engine.sequence import Sequence
+from engine.kv_cache import KVPool
+from engine.sequence import Sequence
 
 _CAPACITY_STEP = 64  # token capacity grows in multiples of this (and at least doubles)
 

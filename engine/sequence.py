@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 
-from backends.engine.sampling import SamplingParams
+from engine.sampling import SamplingParams
 
 _ids = itertools.count()
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.engine.config import ModelConfig
-from backends.engine.kernels import DecoderDims, TorchKernels
-from backends.engine.kv_cache import KVPool
+from engine.config import ModelConfig
+from engine.kernels import DecoderDims, TorchKernels
+from engine.kv_cache import KVPool
 
 
 class StepInput(NamedTuple):

@@ -12,8 +12,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from backends.engine.block_manager import BlockManager
-from backends.engine.sequence import Sequence, Status
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, Status
 
 
 def remaining_growth(seqs: Iterable[Sequence], blocks: BlockManager) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.engine.kv_cache import DTYPES
+from engine.kv_cache import DTYPES
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -157,7 +157,7 @@ class EngineConfig:
     # where KV memory is the scarce resource.
     decode_attention: str = "auto"
     # fp32 on CPU: run norms, activation, rotary and dense decode attention as compiled fused
-    # kernels (backends/engine/kernels.py), falling back to PyTorch ops where they cannot build.
+    # kernels (engine/kernels.py), falling back to PyTorch ops where they cannot build.
     compiled_kernels: bool = True
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 

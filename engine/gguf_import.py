@@ -1,6 +1,6 @@
 """A GGUF checkpoint turned into a Hugging Face folder that the engine and transformers load.
 
-    python -m backends.engine.gguf_import FILE.gguf OUT_DIR
+    python -m engine.gguf_import FILE.gguf OUT_DIR
 
 transformers' GGUF loader does all the format work: it reads the metadata into a model config,
 builds the tokenizer (with the chat template the file carries) and dequantizes every tensor to

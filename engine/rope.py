@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from backends.engine.config import RopeConfig
+from engine.config import RopeConfig
 
 
 def inv_frequencies(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.engine.errors import RequestError
+from engine.errors import RequestError
 
 _UINT64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
