@@ -1,7 +1,7 @@
 """Client types: sampling parameters, results, stream pieces, errors, and the client contract.
 
 Both models a client talks to (`orchestrator`, disaggregated, and `colocated`) take the
-TensorRT-LLM ensemble's tensor names (backends/common/interface.py), so one client serves both.
+TensorRT-LLM ensemble's tensor names (backends/message/specs.py), so one client serves both.
 """
 
 from __future__ import annotations

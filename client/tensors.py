@@ -1,6 +1,6 @@
 """Request tensors and response parsing shared by the gRPC and HTTP clients.
 
-The names and types are those of backends/common/interface.py (CLIENT_INPUTS, CLIENT_OUTPUTS).
+The names and types are those of backends/message/specs.py (CLIENT_INPUTS, CLIENT_OUTPUTS).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from backends.common.interface import MODEL_INTERFACES, TensorSpec
+from backends.message import MODEL_INTERFACES, TensorSpec
 from planner import PlannerError
 from planner.deployment import Deployment, ReplicaSpec, default_deployment
 

@@ -9,7 +9,12 @@ import time
 import numpy as np
 
 from backends.common.outbox import Outbox
-from backends.common.sink import Outputs, ResponseSink, merge_outputs, token_outputs
+from backends.common.sink import ResponseSink
+from backends.message import ClientChunk, DecodeChunk, Message
+
+
+def token_outputs(ids: list[int], finish_reason: str | None) -> DecodeChunk:
+    return DecodeChunk(output_ids=tuple(ids), finish_reason=finish_reason or "")
 
 
 class GatedSink:
@@ -22,7 +27,8 @@ class GatedSink:
         self.errors: list[str] = []
         self.first_send = threading.Event()
 
-    def send(self, outputs: Outputs, final: bool) -> None:
+    def send(self, message: Message, final: bool) -> None:
+        outputs = message.to_tensors()
         self.first_send.set()
         if self.gate is not None:
             assert self.gate.wait(5.0)
@@ -42,7 +48,7 @@ def held_after_first_token() -> tuple[threading.Event, GatedSink, Outbox, Respon
     """An outbox whose stream has sent token 1, and whose send of it is held until `gate` is set."""
     gate = threading.Event()
     inner = GatedSink(gate)
-    outbox = Outbox(merge_outputs)
+    outbox = Outbox()
     sink = outbox.sink(inner)
     sink.send(token_outputs([1], None), final=False)
     assert inner.first_send.wait(5.0)
@@ -62,7 +68,7 @@ def test_tokens_queued_behind_a_slow_send_go_out_together_in_order() -> None:
 
 def test_each_token_is_its_own_response_when_sends_keep_up() -> None:
     inner = GatedSink()
-    outbox = Outbox(merge_outputs)
+    outbox = Outbox()
     sink = outbox.sink(inner)
     for t in range(5):
         sink.send(token_outputs([t], None), final=False)
@@ -87,7 +93,7 @@ def test_an_error_follows_the_tokens_before_it_and_closes_the_stream() -> None:
 
 
 def test_many_streams_from_many_threads_each_keep_their_order() -> None:
-    outbox = Outbox(merge_outputs)
+    outbox = Outbox()
     inners = [GatedSink() for _ in range(8)]
 
     def produce(inner: GatedSink) -> None:
@@ -109,7 +115,7 @@ def test_many_streams_from_many_threads_each_keep_their_order() -> None:
 
 
 def test_a_failing_sink_does_not_stop_the_others() -> None:
-    outbox = Outbox(merge_outputs)
+    outbox = Outbox()
     bad, good = GatedSink(fail=True), GatedSink()
     outbox.sink(bad).send(token_outputs([1], "length"), final=True)
     outbox.sink(good).send(token_outputs([2], "length"), final=True)
@@ -118,16 +124,8 @@ def test_a_failing_sink_does_not_stop_the_others() -> None:
 
 
 def test_merge_concatenates_ids_and_text_and_keeps_the_later_reason() -> None:
-    a = {
-        "text_output": np.asarray([b"Hel"], dtype=object),
-        "output_ids": np.asarray([1, 2], dtype=np.int32),
-        "finish_reason": np.asarray([b""], dtype=object),
-    }
-    b = {
-        "text_output": np.asarray([b"lo"], dtype=object),
-        "output_ids": np.asarray([3], dtype=np.int32),
-        "finish_reason": np.asarray([b"stop"], dtype=object),
-    }
-    m = merge_outputs(a, b)
+    a = ClientChunk(text_output="Hel", output_ids=(1, 2), finish_reason="")
+    b = ClientChunk(text_output="lo", output_ids=(3,), finish_reason="stop")
+    m = a.merge(b).to_tensors()
     assert m["text_output"].tolist() == [b"Hello"] and m["output_ids"].tolist() == [1, 2, 3]
     assert m["output_ids"].dtype == np.int32 and m["finish_reason"].tolist() == [b"stop"]

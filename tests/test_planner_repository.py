@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from backends.common.interface import MODEL_INTERFACES
+from backends.message import MODEL_INTERFACES
 from planner import PlannerError
 from planner.deployment import (
     Deployment,

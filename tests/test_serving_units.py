@@ -12,9 +12,8 @@ import pytest
 
 from backends.common.client_stream import ClientStream
 from backends.common.params import engine_config
-from backends.common.requests import parse_client_request
-from backends.common.sink import Outputs
 from backends.common.text_stream import TextStream
+from backends.message import ClientRequest, Message
 from backends.orchestrator.pipeline import PhaseError, watched, watched_batches
 from backends.orchestrator.router import Router, RoutingTable
 from engine.errors import RequestError
@@ -23,11 +22,11 @@ from engine.tokenizer import load_tokenizer
 
 class RecordingSink:
     def __init__(self) -> None:
-        self.responses: list[tuple[Outputs, bool]] = []
+        self.responses: list[tuple[dict[str, np.ndarray], bool]] = []
         self.errors: list[str] = []
 
-    def send(self, outputs: Outputs, final: bool) -> None:
-        self.responses.append((outputs, final))
+    def send(self, message: Message, final: bool) -> None:
+        self.responses.append((message.to_tensors(), final))
 
     def error(self, message: str) -> None:
         self.errors.append(message)
@@ -46,9 +45,9 @@ def _request(**arrays: object) -> dict[str, np.ndarray]:
 
 
 def test_client_request_parsing_and_defaults() -> None:
-    req = parse_client_request(_request())
+    req = ClientRequest.from_tensors(_request())
     assert req.text == "hello" and req.params.max_tokens == 4 and req.params.greedy and not req.stream
-    req = parse_client_request(
+    req = ClientRequest.from_tensors(
         _request(
             stream=np.array([True]),
             temperature=np.array([0.7], np.float32),
@@ -76,7 +75,7 @@ def test_client_request_parsing_and_defaults() -> None:
 )
 def test_client_request_errors(arrays: dict[str, object], message: str) -> None:
     with pytest.raises(RequestError, match=message):
-        parse_client_request(_request(**arrays))
+        ClientRequest.from_tensors(_request(**arrays))
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ from typing import Any
 from backends.colocated.worker import ColocatedMetrics, ColocatedWorker
 from backends.common import params as P
 from backends.common.client_stream import ClientStream
-from backends.common.interface import CLIENT_INPUTS
 from backends.common.metrics import BATCH_BUCKETS
 from backends.common.outbox import Outbox
-from backends.common.requests import parse_client_request, prompt_ids
-from backends.common.sink import merge_outputs
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
+from backends.message import ClientRequest
+from backends.message.specs import CLIENT_INPUTS
 from backends.orchestrator.telemetry import latency_metrics
 from engine.engine import LLMEngine
 from engine.errors import RequestError
@@ -34,7 +33,7 @@ class TritonPythonModel:
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
         self.latency = latency_metrics(m)
         # As in decode: the engine loop hands responses over and never waits on a send.
-        self.outbox = Outbox(merge_outputs, name="colocated-outbox")
+        self.outbox = Outbox(name="colocated-outbox")
         self.worker = ColocatedWorker(
             self.engine,
             ColocatedMetrics(
@@ -58,9 +57,9 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request)
             try:
-                req = parse_client_request(read_inputs(request, CLIENT_INPUTS))
+                req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
                 seq = self.engine.new_sequence(
-                    prompt_ids(req, self.tokenizer), req.params, request.request_id()
+                    req.prompt_ids_with(self.tokenizer), req.params, request.request_id()
                 )
             except RequestError as e:
                 sink.error(str(e))

@@ -6,25 +6,16 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from backends.common.metrics import NULL, Histogram
-from backends.common.sink import Outputs, ResponseSink
+from backends.common.sink import ResponseSink
 from backends.common.text_stream import TextStream
+from backends.message import ClientChunk
 
 
 class LatencyMetrics(NamedTuple):
     ttft: Histogram = NULL  # arrival -> first token sent
     tpot: Histogram = NULL  # mean time per output token after the first, per request
     e2e: Histogram = NULL
-
-
-def client_outputs(text: str, token_ids: list[int], finish_reason: str | None) -> Outputs:
-    return {
-        "text_output": np.asarray([text.encode("utf-8")], dtype=object),
-        "output_ids": np.asarray(token_ids, dtype=np.int32),
-        "finish_reason": np.asarray([(finish_reason or "").encode()], dtype=object),
-    }
 
 
 class ClientStream:
@@ -73,9 +64,15 @@ class ClientStream:
             text += self.text.finish()
         final = finish_reason is not None
         if self.stream:
-            self.sink.send(client_outputs(text, token_ids, finish_reason), final=final)
+            chunk = ClientChunk(
+                text_output=text, output_ids=tuple(token_ids), finish_reason=finish_reason or ""
+            )
+            self.sink.send(chunk, final=final)
         elif final:
-            self.sink.send(client_outputs(self.text.sent, self.ids, finish_reason), final=True)
+            whole = ClientChunk(
+                text_output=self.text.sent, output_ids=tuple(self.ids), finish_reason=finish_reason or ""
+            )
+            self.sink.send(whole, final=True)
         # Timed after the send returns: what the client sees, including waits for the sender (for
         # a sink from an Outbox, the colocated model's, when the response was handed over to it).
         now = time.perf_counter()

@@ -8,9 +8,9 @@ the sends, not the model, what bounded decode throughput, and made it fall as th
 An Outbox takes those sends off the engine loop. Contract:
 - ``sink(inner)`` wraps a ResponseSink; its send() and error() return at once and the outbox's
   thread makes the real calls on `inner`, in the order they were made for that stream.
-- Responses of one stream that queue up behind a slow send are merged into one with `merge`
-  (tokens concatenated; see sink.merge_outputs), so under load one response carries several
-  tokens, and at light load every token still goes out as soon as it exists.
+- Responses of one stream that queue up behind a slow send are merged into one with their
+  `merge` (tokens and text concatenated: DecodeChunk, ClientChunk), so under load one response
+  carries several tokens, and at light load every token still goes out as soon as it exists.
 - A final response or an error closes the stream: later calls are ignored, as for any sink.
 - ``close()`` sends everything still queued, then stops the thread; call it after the engine loop
   has ended its requests, so every request still gets its final response.
@@ -21,23 +21,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
 
-from backends.common.sink import Outputs, ResponseSink
+from backends.common.sink import ResponseSink
+from backends.message import Message, StreamChunk
 
 log = logging.getLogger(__name__)
 
-Merge = Callable[[Outputs, Outputs], Outputs]
-
 
 class _Stream:
-    """One stream's queued work: outputs not yet sent, and whether they end it."""
+    """One stream's queued work: a response not yet sent, and whether it ends the stream."""
 
-    __slots__ = ("closed", "error", "inner", "outputs", "queued")
+    __slots__ = ("closed", "error", "inner", "pending", "queued")
 
     def __init__(self, inner: ResponseSink) -> None:
         self.inner = inner
-        self.outputs: Outputs | None = None
+        self.pending: StreamChunk | None = None
         self.error: str | None = None
         self.closed = False  # a final response or an error was queued: what is queued is the last
         self.queued = False  # in the outbox's ready queue
@@ -50,8 +48,8 @@ class OutboxSink:
         self._outbox = outbox
         self._stream = _Stream(inner)
 
-    def send(self, outputs: Outputs, final: bool) -> None:
-        self._outbox._put(self._stream, outputs, final, None)
+    def send(self, message: Message, final: bool) -> None:
+        self._outbox._put(self._stream, message, final, None)
 
     def error(self, message: str) -> None:
         self._outbox._put(self._stream, None, True, message)
@@ -61,8 +59,7 @@ class OutboxSink:
 
 
 class Outbox:
-    def __init__(self, merge: Merge, name: str = "outbox") -> None:
-        self._merge = merge
+    def __init__(self, name: str = "outbox") -> None:
         self._cond = threading.Condition()
         self._ready: deque[_Stream] = deque()
         self._closing = False
@@ -79,12 +76,14 @@ class Outbox:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def _put(self, stream: _Stream, outputs: Outputs | None, final: bool, error: str | None) -> None:
+    def _put(self, stream: _Stream, message: Message | None, final: bool, error: str | None) -> None:
         with self._cond:
             if stream.closed:
                 return
-            if outputs is not None:
-                stream.outputs = outputs if stream.outputs is None else self._merge(stream.outputs, outputs)
+            if message is not None:
+                if not isinstance(message, StreamChunk):
+                    raise TypeError(f"an outbox streams chunks, not {type(message).__name__}")
+                stream.pending = message if stream.pending is None else stream.pending.merge(message)
             stream.error = error
             stream.closed = final
             if not stream.queued:
@@ -101,11 +100,11 @@ class Outbox:
                     return  # closing, and everything was sent
                 stream = self._ready.popleft()
                 stream.queued = False
-                outputs, final, error = stream.outputs, stream.closed, stream.error
-                stream.outputs = None
+                pending, final, error = stream.pending, stream.closed, stream.error
+                stream.pending = None
             try:
-                if outputs is not None:
-                    stream.inner.send(outputs, final=final and error is None)
+                if pending is not None:
+                    stream.inner.send(pending, final=final and error is None)
                 if error is not None:
                     stream.inner.error(error)
             except Exception:  # a sink that raises must not stop every other stream's responses

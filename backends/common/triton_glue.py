@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backends.common.interface import TensorSpec
-from backends.common.sink import Outputs, error_outputs
 from backends.common.stub_lock import PB_LOCK
+from backends.message import InbandError, Message, Tensors, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,10 @@ class TritonSink:
         self._cancelled = False
         self._checked_at = 0.0
 
-    def send(self, outputs: Outputs, final: bool) -> None:
-        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in outputs.items()]
+    def send(self, message: Message, final: bool) -> None:
+        tensors = [
+            pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in message.to_tensors().items()
+        ]
         self._send(pb_utils.InferenceResponse(output_tensors=tensors), final)
 
     def acknowledge(self) -> None:
@@ -59,8 +60,8 @@ class TritonSink:
         self._send(pb_utils.InferenceResponse(output_tensors=[]), final=False)
 
     def error(self, message: str) -> None:
-        if self._inband:  # for models called through BLS (see interface.ERROR_OUTPUT)
-            self.send(error_outputs(message), final=True)
+        if self._inband:  # for models called through BLS (see message.phases)
+            self.send(InbandError(error_message=message), final=True)
         else:
             self._send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), True)
 
@@ -91,9 +92,9 @@ class TritonSink:
                 self._closed = True
 
 
-def read_inputs(request: Any, specs: Iterable[TensorSpec]) -> dict[str, np.ndarray]:
+def read_inputs(request: Any, specs: Iterable[TensorSpec]) -> Tensors:
     """The request's tensors that are present, as numpy arrays (BYTES as object arrays)."""
-    out: dict[str, np.ndarray] = {}
+    out: Tensors = {}
     for spec in specs:
         tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
         if tensor is not None:

@@ -1,10 +1,10 @@
 """Triton python-backend model: the decode instance (decoupled, streaming).
 
-Inputs: input_ids (the prompt), first_token, kv_handle (from prefill) and the sampling inputs.
-Pulls the KV named by the handle into its own pool, then decodes with continuous batching over
-every request it holds, streaming output_ids (each response has the tokens made since the previous
-one: one, unless its send fell behind; see common/outbox.py) and, on the last one,
-finish_reason with the final flag.
+Takes a DecodeRequest (input_ids: the prompt, first_token, kv_handle from prefill, and the
+sampling inputs) or a DecodeCancel (backends.message). Pulls the KV named by the handle into its
+own pool, then decodes with continuous batching over every request it holds, streaming
+DecodeChunks (each has the tokens made since the previous one: one, unless its send fell behind;
+see common/outbox.py) and, on the last one, finish_reason with the final flag.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-
 from backends.common import params as P
-from backends.common.interface import DECODE_INPUTS
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from backends.common.outbox import Outbox
-from backends.common.requests import parse_ids, parse_sampling, text_input
-from backends.common.sink import merge_outputs, token_outputs
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
+from backends.message import ABORT, DecodeCancel, DecodeChunk, DecodeRequest, read_decode_input
+from backends.message.specs import DECODE_INPUTS
 from engine.engine import LLMEngine
 from engine.errors import RequestError
+from engine.sequence import Sequence
 from kv_transfer.config import ReceiverConfig
 from kv_transfer.errors import KVHandleError
 from kv_transfer.factory import create_receiver
@@ -42,7 +40,7 @@ class TritonPythonModel:
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
         # Tokens go out from the outbox's thread: the decode loop never waits on a send.
-        self.outbox = Outbox(merge_outputs, name="decode-outbox")
+        self.outbox = Outbox(name="decode-outbox")
         self.worker = DecodeWorker(
             self.engine,
             self.receiver,
@@ -75,28 +73,24 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request, inband_errors=True)
             try:
-                inputs = read_inputs(request, DECODE_INPUTS)
-                request_id = text_input(inputs, "request_id") if "request_id" in inputs else ""
-                if "cancel" in inputs and bool(np.asarray(inputs["cancel"]).reshape(-1)[0]):
-                    if not request_id:
-                        raise RequestError("a cancel request needs the request_id of the sequence to stop")
-                    self.worker.cancel(request_id)
-                    sink.send(token_outputs([], "abort"), final=True)
+                message = read_decode_input(read_inputs(request, DECODE_INPUTS))
+                if isinstance(message, DecodeCancel):
+                    self.worker.cancel(message.request_id)
+                    sink.send(DecodeChunk(finish_reason=ABORT), final=True)
                     continue
-                for name in ("input_ids", "first_token", "kv_handle"):
-                    if name not in inputs:
-                        raise RequestError(f"missing required input '{name}'")
-                seq = self.engine.new_sequence(parse_ids(inputs), parse_sampling(inputs), request_id)
-                first = parse_ids(inputs, "first_token")
-                if len(first) != 1:
-                    raise RequestError("input 'first_token' must hold exactly one token id")
-                seq.output_ids.append(first[0])
-                handle = KVHandle.decode(text_input(inputs, "kv_handle").encode())
+                seq = self._sequence(message)
+                handle = KVHandle.decode(message.kv_handle)
             except (RequestError, KVHandleError) as e:
                 sink.error(str(e))
                 continue
             sink.acknowledge()  # directly: before any token of this request
             self.worker.submit(DecodeJob(seq, handle, self.outbox.sink(sink)))
+
+    def _sequence(self, req: DecodeRequest) -> Sequence:
+        """The request's sequence as prefill left it: the prompt and the first token."""
+        seq = self.engine.new_sequence(list(req.input_ids), req.sampling_params(), req.request_id)
+        seq.output_ids.append(req.first_token)
+        return seq
 
     def finalize(self) -> None:
         self.worker.stop()

@@ -20,11 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
-
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
-from backends.common.sink import ResponseSink, token_outputs
+from backends.common.sink import ResponseSink
 from backends.common.worker_loop import WorkerLoop
+from backends.message import ABORT, DecodeChunk
 from engine.engine import LLMEngine
 from engine.scheduler import fits
 from engine.sequence import Sequence, Status
@@ -125,31 +124,32 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
         for job in [j for j in self._pending if j.gone()]:
             self._pending.remove(job)
             self._release_remote(job)
-            self._end(job, token_outputs([], "abort"))
+            self._abort(job)
         for seq, job in list(self._running.items()):
             if job.gone():
                 del self._running[seq]
                 self.engine.free(seq)
-                self._end(job, token_outputs([], "abort"))
+                self._abort(job)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
         for job in [*self._pending, *self._transferring]:
             if now - job.last_sent >= self.heartbeat_s:
                 job.last_sent = now
-                job.sink.send(token_outputs([], None), final=False)
+                job.sink.send(DecodeChunk(), final=False)  # a heartbeat
 
-    def _end(
-        self, job: DecodeJob, outputs: dict[str, np.ndarray] | None = None, error: str | None = None
-    ) -> None:
+    def _end(self, job: DecodeJob, last: DecodeChunk | None = None, error: str | None = None) -> None:
         """Sends the job's final response (or error) and forgets it."""
         self._by_id.pop(job.seq.request_id, None)
-        if outputs is not None and "abort" in str(outputs["finish_reason"][0]):
-            self.metrics.cancelled.increment(1)
         if error is not None:
             job.sink.error(error)
         else:
-            job.sink.send(outputs if outputs is not None else token_outputs([], None), final=True)
+            job.sink.send(last or DecodeChunk(), final=True)
+
+    def _abort(self, job: DecodeJob) -> None:
+        """Ends a job its client or the orchestrator cancelled."""
+        self.metrics.cancelled.increment(1)
+        self._end(job, DecodeChunk(finish_reason=ABORT))
 
     def _admit(self) -> None:
         while self._pending:
@@ -189,7 +189,7 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
                 self._end(job, error=f"KV transfer failed: {exc}")
             elif job.gone():
                 self.engine.free(job.seq)
-                self._end(job, token_outputs([], "abort"))
+                self._abort(job)
             else:
                 job.seq.status = Status.RUNNING
                 self._running[job.seq] = job
@@ -203,9 +203,9 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
             if seq.finished:
                 del self._running[seq]
                 self.engine.free(seq)
-                self._end(job, token_outputs([token], seq.finish_reason))
+                self._end(job, DecodeChunk(output_ids=(token,), finish_reason=seq.finish_reason or ""))
             else:
-                job.sink.send(token_outputs([token], None), final=False)
+                job.sink.send(DecodeChunk(output_ids=(token,)), final=False)
         self._update_gauges()
 
     # ---- endings ---------------------------------------------------------------------------

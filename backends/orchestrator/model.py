@@ -20,9 +20,9 @@ import triton_python_backend_utils as pb_utils
 
 from backends.common import params as P
 from backends.common.client_stream import ClientStream
-from backends.common.interface import CLIENT_INPUTS, DECODE_OUTPUTS, PREFILL_OUTPUTS
-from backends.common.requests import parse_client_request, prompt_ids
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
+from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest
+from backends.message.specs import CLIENT_INPUTS
 from backends.orchestrator.bls import BLSResponses, RetiredIterators
 from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
@@ -58,18 +58,13 @@ class TritonPythonModel:
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = Metrics(args["model_name"], args["model_instance_name"])
         self.latency = latency_metrics(self.metric_registry)
-        self._outputs = {
-            "prefill": [s.name for s in PREFILL_OUTPUTS],
-            "decode": [s.name for s in DECODE_OUTPUTS],
-        }
-        self._prefill_models = set(routes.prefill_models)
 
-    def _call(self, model: str, inputs: dict[str, np.ndarray]) -> BLSResponses:
-        kind = "prefill" if model in self._prefill_models else "decode"
-        names = self._outputs[kind] if "cancel" not in inputs else ["finish_reason"]
+    def _call(self, model: str, message: PrefillRequest | DecodeRequest | DecodeCancel) -> BLSResponses:
+        names = [spec.name for spec in message.REPLY]
+        tensors = message.to_tensors()
         request = pb_utils.InferenceRequest(
             model_name=model,
-            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in inputs.items()],
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in tensors.items()],
             requested_output_names=names,
         )
         with PB_LOCK:
@@ -85,8 +80,8 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request)
             try:
-                req = parse_client_request(read_inputs(request, CLIENT_INPUTS))
-                ids = prompt_ids(req, self.tokenizer)
+                req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
+                ids = req.prompt_ids_with(self.tokenizer)
             except RequestError as e:
                 sink.error(str(e))
                 continue

@@ -1,7 +1,7 @@
 """One client request through prefill then decode: the orchestrator's per-request job.
 
-Kept free of pb_utils: the model passes in `call`, which starts a BLS request against a model and
-returns an iterable of response dicts. What the 2.51 python backend cannot do for us is done here:
+Kept free of pb_utils: the model passes in `call`, which sends a message (backends.message) to a
+model as a BLS request and returns an iterable of its responses' tensors. What the 2.51 python backend cannot do for us is done here:
 errors arrive in-band (finish_reason "error"), a stop word or a client cancel is sent down to
 decode as an explicit cancel request, and a callee that stops answering (its process died) is
 detected by a stall timeout instead of hanging the client.
@@ -17,16 +17,23 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from backends.common.client_stream import ClientStream
-from backends.common.sink import merge_outputs
+from backends.message import (
+    DecodeCancel,
+    DecodeChunk,
+    DecodeRequest,
+    InbandError,
+    PrefillRequest,
+    PrefillResult,
+    Sampling,
+    Tensors,
+)
 from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.router import RoutingTable
 from engine.sampling import SamplingParams
 
-Response = dict[str, np.ndarray]
-Call = Callable[[str, dict[str, np.ndarray]], Iterable[Response]]
+Response = Tensors
+Call = Callable[[str, PrefillRequest | DecodeRequest | DecodeCancel], Iterable[Response]]
 
 
 class PhaseError(RuntimeError):
@@ -38,24 +45,6 @@ class Timeouts:
     prefill_s: float = 120.0  # queueing for prefill can be long under load
     decode_stall_s: float = 10.0  # decode sends a token or a heartbeat (1 s) while it holds a request
     cancel_s: float = 5.0
-
-
-def sampling_tensors(params: SamplingParams, seed: int) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {
-        "max_tokens": np.asarray([params.max_tokens], dtype=np.int32),
-        "temperature": np.asarray([params.temperature], dtype=np.float32),
-        "top_k": np.asarray([params.top_k], dtype=np.int32),
-        "top_p": np.asarray([params.top_p], dtype=np.float32),
-        "random_seed": np.asarray([seed], dtype=np.uint64),
-    }
-    if params.stop_token_ids:
-        out["end_id"] = np.asarray([params.stop_token_ids[0]], dtype=np.int32)
-    return out
-
-
-def _text(arr: Any) -> str:
-    value = np.asarray(arr, dtype=object).reshape(-1)[0]
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def watched(responses: Iterable[Response], timeout_s: float, what: str) -> Iterator[Response]:
@@ -94,23 +83,16 @@ def watched_batches(responses: Iterable[Response], timeout_s: float, what: str) 
                 break
         batch: list[Response] = []
         for kind, value in events:
-            message = inband_error(value) if kind == "item" else None
-            if kind == "item" and message is None:
+            error = InbandError.find(value) if kind == "item" else None
+            if kind == "item" and error is None:
                 batch.append(value)
                 continue
             if batch:
                 yield batch
             if kind == "end":
                 return
-            raise PhaseError(message if message is not None else f"{what} failed: {value}")
+            raise PhaseError(error.error_message if error is not None else f"{what} failed: {value}")
         yield batch
-
-
-def inband_error(response: Response) -> str | None:
-    """The message of an in-band error response (see interface.ERROR_OUTPUT), else None."""
-    if "finish_reason" in response and _text(response["finish_reason"]) == "error":
-        return _text(response["error_message"]) if "error_message" in response else "unknown error"
-    return None
 
 
 class Pipeline:
@@ -138,56 +120,54 @@ class Pipeline:
     def _run(self, ids: list[int], params: SamplingParams, stream: ClientStream) -> None:
         # Prefill and decode must draw from the same random stream: fix the seed here.
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        common = {"input_ids": np.asarray(ids, dtype=np.int32), **sampling_tensors(params, seed)}
+        sampling = Sampling.fields_of(params, seed)
         prefill, decode = self.routes.pick()
         with prefill.route(len(ids)) as model:
-            first = self._first(watched(self.call(model, common), self.timeouts.prefill_s, "prefill"))
-        token = int(np.asarray(first["first_token"]).reshape(-1)[0])
-        handle = bytes(np.asarray(first["kv_handle"], dtype=object).reshape(-1)[0])
-        reason = _text(first["finish_reason"]) or None
-        if stream.push([token], reason) or stream.is_cancelled():
-            if handle:  # nobody will pull it
-                self.leases.release(handle)
+            request = PrefillRequest(input_ids=tuple(ids), **sampling)  # type: ignore[arg-type]
+            first = self._first(watched(self.call(model, request), self.timeouts.prefill_s, "prefill"))
+        if stream.push([first.first_token], first.finish_reason or None) or stream.is_cancelled():
+            if first.kv_handle:  # nobody will pull it
+                self.leases.release(first.kv_handle)
             return
         request_id = secrets.token_hex(16)
-        inputs = {
-            **common,
-            "first_token": np.asarray([token], dtype=np.int32),
-            "kv_handle": np.asarray([handle], dtype=object),
-            "request_id": np.asarray([request_id.encode()], dtype=object),
-        }
+        continuation = DecodeRequest(
+            input_ids=tuple(ids),
+            first_token=first.first_token,
+            kv_handle=first.kv_handle,
+            request_id=request_id,
+            **sampling,  # type: ignore[arg-type]
+        )
         with decode.route(params.max_tokens - 1) as model:
-            for batch in watched_batches(self.call(model, inputs), self.timeouts.decode_stall_s, "decode"):
+            responses = self.call(model, continuation)
+            for batch in watched_batches(responses, self.timeouts.decode_stall_s, "decode"):
                 if stream.is_cancelled():
                     self._cancel(model, request_id)
                     return
                 # Everything decode sent while this request's last send was under way goes in one.
-                r = functools.reduce(merge_outputs, batch)
-                tokens = [int(t) for t in np.asarray(r.get("output_ids", [])).reshape(-1)]
-                reason = _text(r["finish_reason"]) if "finish_reason" in r else None
-                if not tokens and not reason:
-                    continue  # a heartbeat
-                if stream.push(tokens, reason or None):
-                    if not reason:  # a stop word: decode must stop too
+                chunk = functools.reduce(DecodeChunk.merge, map(DecodeChunk.from_tensors, batch))
+                if chunk.is_heartbeat:
+                    continue
+                if stream.push(list(chunk.output_ids), chunk.finish_reason or None):
+                    if not chunk.finish_reason:  # a stop word: decode must stop too
                         self._cancel(model, request_id)
                     return
         if not stream.done:
             stream.error("decode ended without a final token")
 
     def _cancel(self, model: str, request_id: str) -> None:
-        inputs = {"request_id": np.asarray([request_id.encode()], dtype=object), "cancel": np.asarray([True])}
         try:
-            for _ in watched(self.call(model, inputs), self.timeouts.cancel_s, "decode cancel"):
+            cancel = DecodeCancel(request_id=request_id)
+            for _ in watched(self.call(model, cancel), self.timeouts.cancel_s, "decode cancel"):
                 pass
         except PhaseError:
             pass  # best effort: the decode instance is gone or the sequence already ended
 
     @staticmethod
-    def _first(responses: Iterable[Response]) -> Response:
+    def _first(responses: Iterable[Response]) -> PrefillResult:
         result = None
         for r in responses:
             if "first_token" in r:
-                result = r
+                result = PrefillResult.from_tensors(r)
         if result is None:
             raise PhaseError("prefill returned no result")
         return result

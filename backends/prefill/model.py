@@ -1,8 +1,8 @@
 """Triton python-backend model: the prefill instance (decoupled; one response per request).
 
-Inputs: input_ids, max_tokens and the sampling inputs (see backends.common.interface). Answers
-with first_token, kv_handle (empty when the first token already ended the request) and
-finish_reason. The KV stays in this instance's pool under lease until a decode instance pulls it.
+Takes a PrefillRequest (input_ids, max_tokens and the sampling inputs; backends.message) and
+answers with a PrefillResult: first_token, kv_handle (empty when the first token already ended the
+request) and finish_reason. The KV stays in this instance's pool under lease until a decode instance pulls it.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import secrets
 from typing import Any
 
 from backends.common import params as P
-from backends.common.interface import PREFILL_INPUTS
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
-from backends.common.requests import parse_ids, parse_sampling
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
+from backends.message import PrefillRequest
 from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
 from backends.process_group import kv_segment_prefix
 from engine.engine import LLMEngine, kv_layout_for
@@ -77,9 +76,9 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request, inband_errors=True)
             try:
-                inputs = read_inputs(request, PREFILL_INPUTS)
+                req = PrefillRequest.from_tensors(read_inputs(request, PrefillRequest.SPECS))
                 seq = self.engine.new_sequence(
-                    parse_ids(inputs), parse_sampling(inputs), request.request_id()
+                    list(req.input_ids), req.sampling_params(), request.request_id()
                 )
             except RequestError as e:
                 sink.error(str(e))

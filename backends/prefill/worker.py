@@ -16,11 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
-
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink
 from backends.common.worker_loop import WorkerLoop
+from backends.message import PrefillResult
 from engine.engine import LLMEngine
 from engine.sequence import Sequence
 from kv_transfer.base import KVSender
@@ -42,14 +41,6 @@ class PrefillMetrics(NamedTuple):
     batch_tokens: Histogram = NULL
     queue_seconds: Histogram = NULL
     cancelled: Counter = NULL
-
-
-def prefill_outputs(first_token: int, handle: bytes, finish_reason: str | None) -> dict[str, np.ndarray]:
-    return {
-        "first_token": np.asarray([first_token], dtype=np.int32),
-        "kv_handle": np.asarray([handle], dtype=object),
-        "finish_reason": np.asarray([(finish_reason or "").encode()], dtype=object),
-    }
 
 
 class PrefillWorker(WorkerLoop[PrefillJob]):
@@ -127,7 +118,10 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
                 continue
             finally:
                 self.engine.free(seq)  # the lease holds its own reference
-            job.sink.send(prefill_outputs(seq.output_ids[0], handle, seq.finish_reason), final=True)
+            result = PrefillResult(
+                first_token=seq.output_ids[0], kv_handle=handle, finish_reason=seq.finish_reason or ""
+            )
+            job.sink.send(result, final=True)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -1,8 +1,9 @@
-"""Tensor interface of each Triton model, as data.
+"""Tensor interface of each Triton model, as data: the one contract between the phases.
 
 The client-facing names (orchestrator and colocated) are those of the TensorRT-LLM backend's
 ensemble, so existing clients work unchanged. The repository generator writes config.pbtxt from
-these specs and the models validate requests against the same specs.
+these specs, and the typed messages of this package (to_tensors / from_tensors) are derived from
+them: a name, type or shape changed here changes both the writer and every reader.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import NamedTuple
 
 
 class TensorSpec(NamedTuple):
+    """One input or output tensor of a model (max_batch_size 0: dims are the whole shape)."""
+
     name: str
     data_type: str  # config.pbtxt DataType name, e.g. "TYPE_INT32"
     dims: tuple[int, ...]
@@ -51,6 +54,7 @@ ERROR_OUTPUT = TensorSpec("error_message", "TYPE_STRING", (1,))
 
 # Prefill and decode answer every request they accept at once with an empty response (no output
 # tensors), then with their results (TritonSink.acknowledge says why).
+INBAND_ERROR_OUTPUTS = (TensorSpec("finish_reason", "TYPE_STRING", (1,)), ERROR_OUTPUT)
 PREFILL_OUTPUTS = (
     TensorSpec("first_token", "TYPE_INT32", (1,)),
     TensorSpec("kv_handle", "TYPE_STRING", (1,)),
@@ -59,8 +63,9 @@ PREFILL_OUTPUTS = (
 )
 
 # A decode request is either a sequence to continue (input_ids, first_token, kv_handle, max_tokens
-# and the sampling inputs, under a request_id) or a control request {request_id, cancel: true}
-# that stops the sequence of that id. So every input is optional here; the model checks them.
+# and the sampling inputs, under a request_id: DecodeRequest) or a control request {request_id,
+# cancel: true} that stops the sequence of that id (DecodeCancel). So every input is optional in
+# config.pbtxt; the `cancel` tag tells the two apart (message.decode.read_decode_input).
 DECODE_INPUTS = (
     TensorSpec("input_ids", "TYPE_INT32", (-1,), optional=True),
     TensorSpec("first_token", "TYPE_INT32", (1,), optional=True),

@@ -1,0 +1,96 @@
+"""The messages between a client and the client-facing models (orchestrator and colocated).
+
+Every problem with a request raises RequestError with a message naming the input and the
+problem; the models turn it into an error response for that request only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from backends.message.codec import StreamChunk
+from backends.message.phases import Sampling
+from backends.message.specs import CLIENT_INPUTS, CLIENT_OUTPUTS, TensorSpec
+from engine.errors import RequestError
+from engine.sampling import SamplingParams
+
+# Generous sanity bounds that keep a malformed request from allocating absurd amounts of memory
+# before the engine's own checks (context length) apply.
+MAX_STOP_WORDS = 16
+MAX_STOP_WORD_CHARS = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientInputs(Sampling):
+    """A request's tensors as sent (checked for type and shape, not yet for meaning)."""
+
+    SPECS: ClassVar[tuple[TensorSpec, ...]] = CLIENT_INPUTS
+
+    text_input: str | None = None
+    input_ids: tuple[int, ...] | None = None
+    stream: bool = False
+    stop_words: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """A request to orchestrator or colocated, before tokenization."""
+
+    text: str | None
+    prompt_ids: list[int] | None
+    params: SamplingParams
+    stream: bool
+    stop_words: tuple[str, ...]
+
+    @staticmethod
+    def from_tensors(tensors: Mapping[str, np.ndarray]) -> ClientRequest:
+        if ("text_input" in tensors) == ("input_ids" in tensors):
+            raise RequestError("give exactly one of 'text_input' or 'input_ids'")
+        raw = ClientInputs.from_tensors(tensors)
+        if raw.text_input is not None and not raw.text_input:
+            raise RequestError("input 'text_input' is empty")
+        if raw.input_ids is not None and not raw.input_ids:
+            raise RequestError("input 'input_ids' is empty")
+        if len(raw.stop_words) > MAX_STOP_WORDS:
+            raise RequestError(f"at most {MAX_STOP_WORDS} stop_words, got {len(raw.stop_words)}")
+        if any(not w or len(w) > MAX_STOP_WORD_CHARS for w in raw.stop_words):
+            raise RequestError(f"each stop word must have 1 to {MAX_STOP_WORD_CHARS} characters")
+        return ClientRequest(
+            text=raw.text_input,
+            prompt_ids=None if raw.input_ids is None else list(raw.input_ids),
+            params=raw.sampling_params(),
+            stream=raw.stream,
+            stop_words=raw.stop_words,
+        )
+
+    def prompt_ids_with(self, tokenizer: Any) -> list[int]:
+        """The prompt as token ids: text through the model's tokenizer (as AutoTokenizer does,
+        special tokens included), or the given ids."""
+        if self.prompt_ids is not None:
+            return self.prompt_ids
+        assert self.text is not None
+        return [int(t) for t in tokenizer(self.text).input_ids]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientChunk(StreamChunk):
+    """A response to the client: when streaming, the text and ids made since the previous one
+    (all of it otherwise); the last one has the finish_reason ("stop" or "length")."""
+
+    SPECS: ClassVar[tuple[TensorSpec, ...]] = CLIENT_OUTPUTS
+
+    text_output: str
+    output_ids: tuple[int, ...]
+    finish_reason: str = ""
+
+    def merge(self, later: ClientChunk) -> ClientChunk:
+        """This response and the next of the same stream as one."""
+        return ClientChunk(
+            text_output=self.text_output + later.text_output,
+            output_ids=self.output_ids + later.output_ids,
+            finish_reason=later.finish_reason,
+        )
