@@ -10,9 +10,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from backends.common.params import EngineParams
 from measure.cpu_usage import snapshot, usage
 from planner import PlannerError
-from planner.deployment import EngineParams
 from planner.host_cpu import Contention, HostCpu, Load, Probe, fit_host, fit_slowdown, solve
 from planner.latency import PhaseLatency
 from planner.profile import TpProfile

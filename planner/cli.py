@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from backends.common.params import ParameterError
 from planner import PlannerError
 from planner.cluster import ClusterSpec
 from planner.deployment import replica_names
@@ -169,6 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return int(a.func(a))
-    except PlannerError as exc:
+    except (PlannerError, ParameterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from backends.common.params import EngineParams, OrchestratorParams
 from planner.cluster import ClusterSpec
-from planner.deployment import Deployment, EngineParams, OrchestratorSpec, ReplicaSpec, replica_names
+from planner.deployment import Deployment, ReplicaSpec, replica_names
 from planner.gpu_assign import Replica
 from planner.memory import CapacityTable, kv_capacity_tokens
 from planner.model_spec import ModelSpec
@@ -37,6 +38,7 @@ def deployment_from_plan(
 
     def spec(name: str, rep: Replica, others: list[Replica]) -> ReplicaSpec:
         cap = kv_capacity_tokens(model, cluster, rep.tp, rep.pp, capacity_table)
+        local = tuple(g.device for g in rep.gpus if g.node == rep.node)
         engine = EngineParams(
             model_dir=model_dir,
             device="cuda",
@@ -48,10 +50,10 @@ def deployment_from_plan(
             tp_size=rep.tp,
             pp_size=rep.pp,
             kv_transport=_transport(rep, peers(rep, others)),
+            device_ids=local,
+            placement=",".join(f"{g.node}:{g.device}" for g in rep.gpus),
         )
-        local = tuple(g.device for g in rep.gpus if g.node == rep.node)
-        placement = ",".join(f"{g.node}:{g.device}" for g in rep.gpus)
-        return ReplicaSpec(name, rep.role, engine, local, placement)
+        return ReplicaSpec(name, rep.role, engine)
 
     p_names, d_names = replica_names("prefill", len(pre)), replica_names("decode", len(dec))
     groups = ""
@@ -65,5 +67,5 @@ def deployment_from_plan(
     return Deployment(
         prefill=tuple(spec(n, r, dec) for n, r in zip(p_names, pre, strict=True)),
         decode=tuple(spec(n, r, pre) for n, r in zip(d_names, dec, strict=True)),
-        orchestrator=OrchestratorSpec(model_dir, routing_groups=groups),
+        orchestrator=OrchestratorParams(model_dir, routing_groups=groups),
     )

@@ -9,6 +9,7 @@ deployment always gives byte-identical files."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from backends.common.params import ParameterError
 from backends.message import MODEL_INTERFACES, TensorSpec
 from planner import PlannerError
 from planner.deployment import Deployment, ReplicaSpec, default_deployment
@@ -46,36 +48,33 @@ def replica_config(rep: ReplicaSpec) -> mc.ModelConfig:
     """config of a prefill/decode/colocated replica: one instance on its device(s)."""
     cfg = _base(rep.name, rep.role)
     group = cfg.instance_group.add(count=1)
+    ids = rep.engine.device_ids
     if rep.engine.device == "cpu":
         group.kind = mc.ModelInstanceGroup.KIND_CPU
-    elif len(rep.device_ids) == 1:
+    elif len(ids) == 1:
         group.kind = mc.ModelInstanceGroup.KIND_GPU
-        group.gpus.append(rep.device_ids[0])
+        group.gpus.append(ids[0])
     else:
         # Several GPUs in one instance: Triton does not place it; the engine reads device_ids.
         group.kind = mc.ModelInstanceGroup.KIND_MODEL
-    params = rep.engine.as_parameters(rep.device_ids)
-    if rep.placement:
-        params["placement"] = rep.placement
+    _set_parameters(cfg, rep.engine.to_parameters())
+    return cfg
+
+
+def _set_parameters(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
     for key in sorted(params):
         cfg.parameters[key].string_value = params[key]
-    return cfg
 
 
 def orchestrator_config(dep: Deployment) -> mc.ModelConfig:
     cfg = _base("orchestrator", "orchestrator")
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-    o = dep.orchestrator
-    params = {
-        "model_dir": o.model_dir,
-        "prefill_models": ",".join(r.name for r in dep.prefill),
-        "decode_models": ",".join(r.name for r in dep.decode),
-        "max_concurrent_requests": str(o.max_concurrent_requests),
-    }
-    if o.routing_groups:
-        params["routing_groups"] = o.routing_groups
-    for key in sorted(params):
-        cfg.parameters[key].string_value = params[key]
+    routed = dataclasses.replace(
+        dep.orchestrator,
+        prefill_models=",".join(r.name for r in dep.prefill),
+        decode_models=",".join(r.name for r in dep.decode),
+    )
+    _set_parameters(cfg, routed.to_parameters())
     return cfg
 
 
@@ -123,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         dep = default_deployment(relative_model_dir(args.model_dir, args.out), args.device, args.num_blocks)
         names = write_repository(dep, args.out)
-    except PlannerError as exc:
+    except (PlannerError, ParameterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {len(names)} models to {args.out}: {', '.join(names)}")

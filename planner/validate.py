@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from backends.common.params import ParameterError
 from measure.cpu_usage import snapshot, usage
 from planner import PlannerError
 from planner.calibration import NO_OVERHEAD, CalibrationPlan, calibrate, with_overheads
@@ -319,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         report = run(args, log)
-    except PlannerError as exc:
+    except (PlannerError, ParameterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report["seconds"] = time.perf_counter() - t0

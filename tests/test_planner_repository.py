@@ -9,16 +9,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from backends.common.params import EngineParams, OrchestratorParams, ParameterError
 from backends.message import MODEL_INTERFACES
 from planner import PlannerError
-from planner.deployment import (
-    Deployment,
-    EngineParams,
-    OrchestratorSpec,
-    ReplicaSpec,
-    default_deployment,
-    replica_names,
-)
+from planner.deployment import Deployment, ReplicaSpec, default_deployment, replica_names
 from planner.repository import main, write_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +72,13 @@ def test_default_repository_follows_the_conventions(tmp_path: Path) -> None:
 def test_gpu_instance_groups_and_stale_models(tmp_path: Path) -> None:
     def rep(name: str, role: str, ids: tuple[int, ...], tp: int) -> ReplicaSpec:
         return ReplicaSpec(
-            name, role, EngineParams("/m", "cuda", "float16", tp_size=tp, kv_transport="nccl"), ids
+            name, role, EngineParams("/m", "cuda", "float16", tp_size=tp, kv_transport="nccl", device_ids=ids)
         )
 
     dep = Deployment(
         prefill=(rep("prefill_0", "prefill", (0,), 1), rep("prefill_1", "prefill", (1,), 1)),
         decode=(rep("decode", "decode", (2, 3), 2),),
-        orchestrator=OrchestratorSpec("/m"),
+        orchestrator=OrchestratorParams("/m"),
     )
     (tmp_path / "colocated").mkdir()
     (tmp_path / "colocated" / "config.pbtxt").write_text('name: "colocated"')
@@ -103,13 +97,13 @@ def test_gpu_instance_groups_and_stale_models(tmp_path: Path) -> None:
 
 def test_deployment_validation() -> None:
     assert replica_names("decode", 1) == ["decode"] and replica_names("decode", 2) == ["decode_0", "decode_1"]
-    with pytest.raises(PlannerError, match="device must be"):
+    with pytest.raises(ParameterError, match="device must be"):
         EngineParams("/m", device="tpu")
-    with pytest.raises(PlannerError, match="num_blocks"):
+    with pytest.raises(ParameterError, match="num_blocks"):
         EngineParams("/m", num_blocks=0)
-    with pytest.raises(PlannerError, match="needs device ids"):
+    with pytest.raises(ParameterError, match="needs device ids"):
         ReplicaSpec("prefill", "prefill", EngineParams("/m", "cuda"))
     cpu = EngineParams("/m")
     with pytest.raises(PlannerError, match="must be named"):
         Deployment((ReplicaSpec("prefill_0", "prefill", cpu),), (ReplicaSpec("decode", "decode", cpu),),
-                   OrchestratorSpec("/m"))  # fmt: skip
+                   OrchestratorParams("/m"))  # fmt: skip

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from backends.common.client_stream import ClientStream
-from backends.common.params import engine_config
+from backends.common.params import EngineParams
 from backends.common.text_stream import TextStream
 from backends.message import ClientRequest, Message
 from backends.orchestrator.pipeline import PhaseError, watched, watched_batches
 from backends.orchestrator.router import Router, RoutingTable
+from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.tokenizer import load_tokenizer
 
@@ -187,6 +188,10 @@ def test_watched_batches_hands_over_what_has_arrived_together() -> None:
     assert [int(r["output_ids"][0]) for r in next(batches)] == [2, 3]  # the tokens before the error
     with pytest.raises(PhaseError, match="decode died"):
         next(batches)
+
+
+def engine_config(raw: dict[str, str], root: Path) -> EngineConfig:
+    return EngineParams.from_parameters(raw).engine_config(root)
 
 
 def test_engine_config_from_parameters(tiny_model_dir: Path) -> None:

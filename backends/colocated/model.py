@@ -10,10 +10,10 @@ import time
 from typing import Any
 
 from backends.colocated.worker import ColocatedMetrics, ColocatedWorker
-from backends.common import params as P
 from backends.common.client_stream import ClientStream
 from backends.common.metrics import BATCH_BUCKETS
 from backends.common.outbox import Outbox
+from backends.common.params import EngineParams, model_parameters
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.message import ClientRequest
 from backends.message.specs import CLIENT_INPUTS
@@ -25,8 +25,9 @@ from engine.tokenizer import load_tokenizer
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        params, root = P.decoupled_model_parameters(args)
-        engine_config = P.engine_config(params, root)
+        raw, root = model_parameters(args)
+        params = EngineParams.from_parameters(raw)
+        engine_config = params.engine_config(root)
         self.engine = LLMEngine(engine_config)
         self.tokenizer = load_tokenizer(engine_config.model_dir)
         # Kept on self: a metric family must outlive its metrics.

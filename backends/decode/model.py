@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from backends.common import params as P
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from backends.common.outbox import Outbox
+from backends.common.params import EngineParams, model_parameters
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
 from backends.message import ABORT, DecodeCancel, DecodeChunk, DecodeRequest, read_decode_input
@@ -32,11 +32,11 @@ log = logging.getLogger(__name__)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        params, root = P.decoupled_model_parameters(args)
-        engine_config = P.engine_config(params, root)
-        transport, _, _ = P.kv_settings(params)
+        raw, root = model_parameters(args)
+        params = EngineParams.from_parameters(raw)
+        engine_config = params.engine_config(root)
         self.engine = LLMEngine(engine_config)
-        self.receiver = create_receiver(transport, self.engine.pool, ReceiverConfig())
+        self.receiver = create_receiver(params.kv_transport, self.engine.pool, ReceiverConfig())
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
         # Tokens go out from the outbox's thread: the decode loop never waits on a send.

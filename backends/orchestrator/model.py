@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backends.common import params as P
 from backends.common.client_stream import ClientStream
+from backends.common.params import OrchestratorParams, model_parameters, resolve_model_dir
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
 from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest
 from backends.message.specs import CLIENT_INPUTS
@@ -36,25 +36,19 @@ log = logging.getLogger(__name__)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        params, root = P.decoupled_model_parameters(args)
-        self.tokenizer = load_tokenizer(P.resolve_model_dir(params, root))
-        routes = RoutingTable.parse(
-            params.get("prefill_models", "prefill"),
-            params.get("decode_models", "decode"),
-            params.get("routing_groups", ""),
-        )
+        raw, root = model_parameters(args)
+        params = OrchestratorParams.from_parameters(raw)
+        self.tokenizer = load_tokenizer(resolve_model_dir(params.model_dir, root))
+        routes = RoutingTable.parse(params.prefill_models, params.decode_models, params.routing_groups)
         self.leases = LeaseReleaser()
         self.retired = RetiredIterators()
         timeouts = Timeouts(
-            prefill_s=P.float_param(params, "prefill_timeout_seconds", Timeouts.prefill_s),
-            decode_stall_s=P.float_param(params, "decode_stall_timeout_seconds", Timeouts.decode_stall_s),
+            prefill_s=params.prefill_timeout_seconds, decode_stall_s=params.decode_stall_timeout_seconds
         )
         self.pipeline = Pipeline(self._call, routes, self.leases, timeouts)
         # Each in-flight request holds a thread while it waits on BLS responses (the BLS response
         # iterator blocks), so the pool size is the number of concurrent requests served.
-        self.pool = ThreadPoolExecutor(
-            P.int_param(params, "max_concurrent_requests", 256), thread_name_prefix="orch"
-        )
+        self.pool = ThreadPoolExecutor(params.max_concurrent_requests, thread_name_prefix="orch")
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = Metrics(args["model_name"], args["model_instance_name"])
         self.latency = latency_metrics(self.metric_registry)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.common.client_stream import ClientStream
+from backends.common.params import OrchestratorParams
 from backends.message import (
     DecodeCancel,
     DecodeChunk,
@@ -42,8 +43,10 @@ class PhaseError(RuntimeError):
 
 @dataclass(frozen=True)
 class Timeouts:
-    prefill_s: float = 120.0  # queueing for prefill can be long under load
-    decode_stall_s: float = 10.0  # decode sends a token or a heartbeat (1 s) while it holds a request
+    # Queueing for prefill can be long under load; decode sends a token or a heartbeat (1 s)
+    # while it holds a request. The defaults are the orchestrator's parameters'.
+    prefill_s: float = OrchestratorParams.prefill_timeout_seconds
+    decode_stall_s: float = OrchestratorParams.decode_stall_timeout_seconds
     cancel_s: float = 5.0
 
 

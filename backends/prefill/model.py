@@ -12,8 +12,8 @@ import os
 import secrets
 from typing import Any
 
-from backends.common import params as P
 from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from backends.common.params import EngineParams, model_parameters
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.message import PrefillRequest
 from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
@@ -29,19 +29,22 @@ log = logging.getLogger(__name__)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        params, root = P.decoupled_model_parameters(args)
-        engine_config = P.engine_config(params, root)
-        transport, lease_s, port = P.kv_settings(params)
+        raw, root = model_parameters(args)
+        params = EngineParams.from_parameters(raw)
+        engine_config = params.engine_config(root)
         # shm: the pool lives in a named segment that decode instances map read-only.
         self.pool = None
-        if transport == "shm":
+        if params.kv_transport == "shm":
             # Named after the server's process group, so the launcher can remove it if this
             # process is killed before finalize() unlinks it.
             name = kv_segment_prefix(os.getpgrp()) + secrets.token_hex(6)
             self.pool = ShmKVPool.create(kv_layout_for(engine_config), engine_config.num_blocks, name)
         self.engine = LLMEngine(engine_config, self.pool)
         self.sender = create_sender(
-            transport, self.engine.pool, self.engine.blocks, SenderConfig(port=port, lease_ttl_s=lease_s)
+            params.kv_transport,
+            self.engine.pool,
+            self.engine.blocks,
+            SenderConfig(port=params.kv_port, lease_ttl_s=params.kv_lease_seconds),
         )
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
@@ -65,7 +68,12 @@ class TritonPythonModel:
                 cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
             ),
         )
-        log.info("prefill ready: %s, KV transport %s at %s", engine_config, transport, self.sender.address)
+        log.info(
+            "prefill ready: %s, KV transport %s at %s",
+            engine_config,
+            params.kv_transport,
+            self.sender.address,
+        )
         freeze_startup_heap()
 
     def execute(self, requests: list[Any]) -> None:
