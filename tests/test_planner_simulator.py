@@ -141,13 +141,14 @@ def test_kv_transfer_over_network_is_slower_than_nvlink() -> None:
     """Same system, KV pulled across nodes: TPOT (which includes the pull) grows."""
     n = 500
     p, o = np.full(n, 1500), np.full(n, 4)
-    common = {"token_budget": 2048, "kv_bytes_per_token": 800_000, "cluster": ClusterSpec(2, 8)}
     near = SimConfig(
-        prefill=(Instance(lat(), node=0),), decode=(Instance(lat(), 10**6, 64, node=0),), **common
-    )  # type: ignore[arg-type]
-    far = SimConfig(
-        prefill=(Instance(lat(), node=0),), decode=(Instance(lat(), 10**6, 64, node=1),), **common
-    )  # type: ignore[arg-type]
+        prefill=(Instance(lat(), node=0),),
+        decode=(Instance(lat(), 10**6, 64, node=0),),
+        token_budget=2048,
+        kv_bytes_per_token=800_000,
+        cluster=ClusterSpec(2, 8),
+    )
+    far = dataclasses.replace(near, decode=(Instance(lat(), 10**6, 64, node=1),))
     arr = poisson(n, 2.0)
     t_near = simulate(near, arr, p, o).tpot.mean()
     t_far = simulate(far, arr, p, o).tpot.mean()
