@@ -3,7 +3,9 @@
 Prefill: ``sender = create_sender("shm", pool, block_manager, SenderConfig(...))``;
 ``handle = sender.register(block_ids, num_tokens)``; send ``handle.encode()`` to the orchestrator.
 Decode: ``receiver = create_receiver("shm", pool, ReceiverConfig(...))``;
-``receiver.pull(KVHandle.decode(data), my_block_ids)``. See docs/kv_transfer.md.
+``receiver.pull(KVHandle.decode(data), my_block_ids)``. A process with handles but no pool (the
+orchestrator) ends a lease nobody will pull with ``LeaseReleaser().release(handle)``. See
+docs/kv_transfer.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kv_transfer.errors import (
 )
 from kv_transfer.factory import create_receiver, create_sender
 from kv_transfer.handle import HANDLE_VERSION, TRANSPORTS, KVHandle, ShardRef
+from kv_transfer.release import LeaseReleaser
 from kv_transfer.shm_pool import ShmKVPool
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "KVReceiver",
     "KVSender",
     "KVTransferError",
+    "LeaseReleaser",
     "PullResult",
     "ReceiverConfig",
     "SenderConfig",

@@ -18,7 +18,6 @@ Contract (every transport):
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import socket
 import time
@@ -44,6 +43,7 @@ from kv_transfer.errors import (
 )
 from kv_transfer.handle import KVHandle, ShardRef, runs_of
 from kv_transfer.lease import LeaseTable
+from kv_transfer.release import cancel_shard, shard_request
 from kv_transfer.reshard import ShardPlan, check_compatible, plan_pull
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total) during a pull
@@ -233,8 +233,7 @@ class KVReceiver(ABC):
     def cancel(self, handle: KVHandle) -> None:
         """Releases every shard's lease without pulling (an already-ended lease is not an error)."""
         for shard in handle.shards:
-            with contextlib.suppress(KVLeaseError):
-                self._request(shard, "cancel")
+            cancel_shard(self._control, shard)
 
     def close(self) -> None:
         self._close_transport()
@@ -256,12 +255,7 @@ class KVReceiver(ABC):
         pass
 
     def _request(self, shard: ShardRef, op: str, **fields: object) -> Header:
-        host, port = shard.host_port
-        header: Header = {"op": op, "lease": shard.lease, "instance": shard.instance, **fields}
-        try:
-            return self._control.request(host, port, header)
-        except (OSError, ConnectionError) as exc:
-            raise KVTransferError(f"control request {op!r} to {shard.address} failed: {exc}") from exc
+        return shard_request(self._control, shard, op, **fields)
 
     def _raise_lease_reason(self, shard: ShardRef) -> None:
         """After a failed transfer: raises the lease's error if the lease ended (e.g. cancelled meanwhile)."""

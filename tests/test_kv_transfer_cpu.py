@@ -27,6 +27,7 @@ from kv_transfer import (
     KVLeaseCancelledError,
     KVLeaseExpiredError,
     KVLeaseUnknownError,
+    LeaseReleaser,
     ReceiverConfig,
     create_receiver,
 )
@@ -319,3 +320,20 @@ def test_concurrent_pulls_on_one_receiver(peer: PrefillPeer, transport: str) -> 
     assert peer.num_free(sid) == 64
     assert receiver.counters.snapshot().transfers == 5
     peer(sid, "close")
+
+
+def test_lease_releaser_ends_a_lease_without_a_pool(peer: PrefillPeer) -> None:
+    """The orchestrator's path: it holds the handle's bytes, no pool, and nobody will pull."""
+    rng = random.Random("release")
+    sid = peer.start("shm", LAYOUT, 40, SEED)
+    releaser = LeaseReleaser(io_timeout_s=5.0)
+    try:
+        handle = register(peer, sid, lease_blocks(peer, sid, 4, 40, rng), LAYOUT.block_size)
+        assert peer.num_free(sid) == 36
+        assert releaser.release(handle.encode())
+        assert peer.num_free(sid) == 40 and peer.counters(sid)["cancelled_leases"] == 1
+        assert releaser.release(handle.encode()), "a lease that already ended is not a failure"
+        assert not releaser.release(b"not a handle"), "best effort: a bad handle is logged, not raised"
+    finally:
+        releaser.close()
+        peer(sid, "close")

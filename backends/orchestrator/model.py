@@ -24,12 +24,12 @@ from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_input
 from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest
 from backends.message.specs import CLIENT_INPUTS
 from backends.orchestrator.bls import BLSResponses, RetiredIterators
-from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import RoutingTable
 from backends.orchestrator.telemetry import latency_metrics
 from engine.errors import RequestError
 from engine.tokenizer import load_tokenizer
+from kv_transfer import LeaseReleaser
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from backends.message import (
     Sampling,
     Tensors,
 )
-from backends.orchestrator.leases import LeaseReleaser
 from backends.orchestrator.router import RoutingTable
 from engine.sampling import SamplingParams
+from kv_transfer import LeaseReleaser
 
 Response = Tensors
 Call = Callable[[str, PrefillRequest | DecodeRequest | DecodeCancel], Iterable[Response]]
