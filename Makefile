@@ -69,12 +69,12 @@ demo: kernels model-smollm2 tritonserver
 	$(PY) -m client.demo --model-repository $(DEMO_REPO) --model-dir $(SMOLLM2_DIR) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-CODE := engine kv_transfer backends planner client measure tests
+CODE := engine kv_transfer backends planner client workload measure tests
 
 lint: setup
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
-	$(VENV)/bin/mypy engine kv_transfer backends planner client measure
+	$(VENV)/bin/mypy engine kv_transfer backends planner client workload measure
 
 # The engine against transformers on the default model and on SmolLM2, same run each.
 bench: setup kernels model model-smollm2

@@ -15,7 +15,7 @@ import numpy as np
 from planner import PlannerError
 from planner.sim_stats import Attainment
 from planner.simulator import SimConfig, simulate
-from planner.workload import ArrivalProcess, Workload
+from workload import ArrivalProcess, Workload
 
 
 @dataclass(frozen=True)

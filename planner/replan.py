@@ -23,8 +23,12 @@ import numpy as np
 
 from planner import PlannerError
 from planner.goodput import attainment_at
-from planner.plan import Plan, load_plan
-from planner.workload import Workload, from_rows
+from planner.inputs import PlanInputs
+from planner.placement import joint_config
+from planner.placement import plan as run_plan
+from planner.plan import Plan, load_plan, save_plan
+from planner.report import describe
+from workload import Workload, from_rows
 
 _METRIC = re.compile(r"^nv_inference_request_success\{([^}]*)\}\s+([0-9.eE+-]+)", re.M)
 
@@ -92,23 +96,24 @@ def read_metrics(url: str, interval_s: float, model: str = "orchestrator") -> Ob
     return Observation(max(count() - first, 0.0) / interval_s, None, url)
 
 
-def decide(plan: Plan, observed: Observation, affinity: str | None = None, log: Any = None) -> Decision:
-    """Simulate the current plan on the observed traffic and search a new plan for it."""
-    from planner.cli import build_problem
-    from planner.placement import joint_config
-    from planner.placement import plan as run_plan
-
+def recorded_inputs(plan: Plan) -> PlanInputs:
+    """The problem `planner plan` was asked, as the plan recorded it."""
     inputs = plan.details.get("inputs")
     if not isinstance(inputs, dict):
         raise PlannerError("the plan has no recorded inputs (details.inputs): write it with `planner plan`")
-    args = argparse.Namespace(**inputs)
-    problem = build_problem(args, observed.workload)
+    return PlanInputs.from_json(inputs)
+
+
+def decide(plan: Plan, observed: Observation, affinity: str | None = None, log: Any = None) -> Decision:
+    """Simulate the current plan on the observed traffic and search a new plan for it."""
+    inputs = recorded_inputs(plan)
+    problem = inputs.problem(observed.workload)
     if observed.rate <= 0:
         return Decision(False, "no traffic observed: keep the plan", 1.0, None)
     cfg = joint_config(problem, list(plan.replicas))
     current = attainment_at(cfg, observed.rate, problem.workload, problem.slo, problem.settings).value
     try:
-        new = run_plan(problem, affinity or args.affinity, observed.rate, log or (lambda s: None))
+        new = run_plan(problem, affinity or inputs.affinity, observed.rate, log or (lambda s: None))
     except PlannerError as exc:
         if current < problem.slo.attainment:
             return Decision(
@@ -142,15 +147,8 @@ def cmd_replan(a: argparse.Namespace) -> int:
     d = decide(plan, obs)
     print(("CHANGE: " if d.change else "") + d.reason)
     if d.new_plan is not None and d.change:
-        from planner.cli import build_problem, describe
-
-        problem = build_problem(
-            argparse.Namespace(**d.new_plan.details.get("inputs", plan.details["inputs"])), obs.workload
-        )
-        print(describe(d.new_plan, problem))
+        print(describe(d.new_plan, recorded_inputs(plan).problem(obs.workload)))
         if a.out:
-            from planner.plan import save_plan
-
             Path(a.out).mkdir(parents=True, exist_ok=True)
             details = {**d.new_plan.details, "inputs": {**plan.details["inputs"], "rate": obs.rate}}
             save_plan(Plan(**{**d.new_plan.__dict__, "details": details}), Path(a.out) / "plan.json")

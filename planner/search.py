@@ -21,7 +21,7 @@ from planner.model_spec import ModelSpec
 from planner.profile import TpProfile
 from planner.sim_stats import Attainment
 from planner.simulator import Instance, SimConfig
-from planner.workload import Workload
+from workload import Workload
 
 
 @dataclass(frozen=True, eq=False)

@@ -13,7 +13,7 @@ from planner.goodput import SearchSettings, Slo, attainment_at, search_goodput
 from planner.latency import PhaseLatency
 from planner.profile import TpProfile
 from planner.simulator import Instance, SimConfig, simulate
-from planner.workload import ArrivalProcess, Workload
+from workload import ArrivalProcess, Workload
 
 # Round numbers (ms): prefill 20 + 0.1*S, decode 10 + 0.001*T + 0.05*B, threshold 32.
 COEF = TpProfile((20.0, 0.1, 0.0), (10.0, 0.001, 0.05), (8.0, 0.001, 0.1), 32)

