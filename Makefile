@@ -75,6 +75,7 @@ lint: setup
 	$(VENV)/bin/ruff check $(CODE)
 	$(VENV)/bin/ruff format --check $(CODE)
 	$(VENV)/bin/mypy engine kv_transfer backends planner client workload measure
+	$(VENV)/bin/lint-imports
 
 # The engine against transformers on the default model and on SmolLM2, same run each.
 bench: setup kernels model model-smollm2

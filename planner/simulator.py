@@ -121,7 +121,7 @@ def _disaggregated(cfg: SimConfig, loop: EventLoop, requests: Requests, busy: Bu
             # Round robin ignores groups; least-loaded stays in the group when it has decode instances.
             p.decode_router = any_decode if round_robin else by_group.get(p.spec.group, any_decode)
 
-    prefill_router: Router[PrefillInstance] | UnitRouter
+    prefill_router: Router[PrefillInstance] | UnitRouter[PrefillInstance, DecodeInstance]
     if len(prefill_by_group) > 1 and not round_robin:
         prefill_router = UnitRouter([NodeUnit(ps, decode_by_group[g]) for g, ps in prefill_by_group.items()])
     else:

@@ -10,10 +10,10 @@ import pytest
 
 from measure.cpu_usage import CpuSnapshot, snapshot, usage
 from planner import PlannerError
-from planner.host_cpu import HostCpu, Load, Probe, fit_host, fit_slowdown, solve
 from planner.latency import PhaseLatency
 from planner.profile import TpProfile
 from planner.simulator import Instance, SimConfig, simulate
+from planner.validation.host_cpu import HostCpu, Load, Probe, fit_host, fit_slowdown, solve
 
 COEF = TpProfile((20.0, 0.1, 0.0), (10.0, 0.001, 0.05), (8.0, 0.001, 0.1), 32)
 

@@ -1,4 +1,4 @@
-"""planner.validate end to end, tiny: profile, a real tritonserver, calibration probes, one rate."""
+"""planner.validation.validate end to end, tiny: profile, a real tritonserver, calibration probes, one rate."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tritonserver_fixture import require_tritonserver
 
 @pytest.mark.timeout(240)
 def test_validate_tiny_run(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from planner.validate import main
+    from planner.validation.validate import main
 
     require_tritonserver()
     out = tmp_path / "v"

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workload import WorkloadError
-from workload import ArrivalProcess, load_workload, sharegpt, synthetic
+from workload import ArrivalProcess, WorkloadError, load_workload, sharegpt, synthetic
 
 TINY = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
 

@@ -23,7 +23,9 @@ class Workload:
 
     def __post_init__(self) -> None:
         if len(self.prompt_lens) == 0 or len(self.prompt_lens) != len(self.output_lens):
-            raise WorkloadError(f"workload {self.name}: needs equal, non-empty prompt and output length lists")
+            raise WorkloadError(
+                f"workload {self.name}: needs equal, non-empty prompt and output length lists"
+            )
         if int(self.prompt_lens.min()) < 1 or int(self.output_lens.min()) < 1:
             raise WorkloadError(f"workload {self.name}: lengths must be >= 1 token")
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
-from planner.sim.decode import DecodeInstance
-from planner.sim.prefill import PrefillInstance
-
 
 class Loaded(Protocol):
     def owed_tokens(self, t: float) -> int:
@@ -17,6 +14,8 @@ class Loaded(Protocol):
 
 
 T = TypeVar("T", bound=Loaded)
+P = TypeVar("P", bound=Loaded)  # a prefill instance
+D = TypeVar("D", bound=Loaded)  # a decode instance
 
 
 class Router(Generic[T]):
@@ -43,12 +42,12 @@ class Router(Generic[T]):
         return min(instances, key=lambda x: x.owed_tokens(t))
 
 
-class NodeUnit:
+class NodeUnit(Generic[P, D]):
     """A node-local unit: prefill and decode instances of one group, so KV moves over NVLink."""
 
     __slots__ = ("decode", "prefill", "prefill_router")
 
-    def __init__(self, prefill: list[PrefillInstance], decode: list[DecodeInstance]) -> None:
+    def __init__(self, prefill: list[P], decode: list[D]) -> None:
         self.prefill = prefill
         self.decode = decode
         self.prefill_router = Router(prefill, round_robin=False)
@@ -56,20 +55,20 @@ class NodeUnit:
     def load(self, t: float) -> float:
         """Tokens owed per decode instance: decode tokens still to generate + prompts queued."""
         owed = sum(d.owed_tokens(t) for d in self.decode)
-        prompts = sum(p.outstanding for p in self.prefill)
+        prompts = sum(p.owed_tokens(t) for p in self.prefill)
         return (owed + prompts) / len(self.decode)
 
 
-class UnitRouter:
+class UnitRouter(Generic[P, D]):
     """Least-loaded routing over node-local units: the unit whose decode instances owe the fewest
     tokens each (ties to the first), then its least loaded prefill instance (routing to the least
     loaded prefill instance overall would send every tie to unit 0)."""
 
     __slots__ = ("units",)
 
-    def __init__(self, units: list[NodeUnit]) -> None:
+    def __init__(self, units: list[NodeUnit[P, D]]) -> None:
         self.units = units
 
-    def pick(self, t: float) -> PrefillInstance:
+    def pick(self, t: float) -> P:
         unit = min(self.units, key=lambda u: u.load(t))
         return unit.prefill_router.pick(t)

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from client.bench.requests import FIRST_ORDINARY_ID, BenchRequest
+from client.bench.runner import run_rate
 from planner import PlannerError
 from planner.latency import PhaseLatency
 from planner.profile import TpProfile
@@ -79,8 +81,6 @@ def calibrate(
 ) -> Calibration:
     """Send the probe requests to the server's orchestrator at `url` (gRPC) and fit the overheads
     of the served system over `latency` (the engine profile)."""
-    from client.bench.requests import FIRST_ORDINARY_ID, BenchRequest
-    from client.bench.runner import run_rate
 
     plan = plan or CalibrationPlan()
     rng = np.random.default_rng(seed)

@@ -16,7 +16,7 @@ deployment's processes while idle and during two load probes at different rates;
 `exponent` from the slowdowns that make the simulated mean TPOT of each probe equal the measured
 one. The form is that of queueing delay (1/(1 - U) for one core, milder with several cores and
 short bursts); the probes set its steepness instead of assuming M/M/c. `scale` is 1 on a host
-whose calibration ran idle; the served overheads (planner.calibration) are measured under some
+whose calibration ran idle; the served overheads (planner.validation.calibration) are measured under some
 load already, which `scale` < 1 takes back out. U is capped at `max_utilization`: past it the
 prediction says "overloaded", not by how much.
 """

@@ -1,6 +1,6 @@
 """The prediction side of the real-system check: simulate the default deployment (one prefill and
 one decode instance) on the requests the benchmark sends, and measure the host's CPU contention
-with a load probe (planner.host_cpu)."""
+with a load probe (planner.validation.host_cpu)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import numpy as np
 from backends.common.params import EngineParams
 from measure.cpu_usage import snapshot, usage
 from planner import PlannerError
-from planner.host_cpu import Contention, HostCpu, Load, Probe, fit_host, fit_slowdown, solve
 from planner.latency import PhaseLatency
 from planner.profile import TpProfile
 from planner.sim_stats import SimResult
 from planner.simulator import Instance, SimConfig, simulate
+from planner.validation.host_cpu import Contention, HostCpu, Load, Probe, fit_host, fit_slowdown, solve
 
 
 class Requests(NamedTuple):
@@ -72,7 +72,7 @@ def load_of(res: SimResult, reqs: Requests, slowdown: float) -> Load:
 def predict_contended(
     served: TpProfile, host: HostCpu, engine: EngineParams, reqs: Requests, ttft_slo: float, tpot_slo: float
 ) -> tuple[Prediction, Contention]:
-    """The prediction at the host's contention fixed point (planner.host_cpu.solve)."""
+    """The prediction at the host's contention fixed point (planner.validation.host_cpu.solve)."""
 
     def run(s: float) -> SimResult:
         return simulate_check(scaled(served, s), engine, reqs)

@@ -1,11 +1,11 @@
 """Real-system check of the planner: predicted vs measured SLO attainment on this machine.
 
-    python -m planner.validate --model models/tiny-llama [--rates 4,5.5,7] [--out DIR]
+    python -m planner.validation --model models/tiny-llama [--rates 4,5.5,7] [--out DIR]
 
 1. profile the engine on CPU with num_threads=1 (how each Triton model process runs it), or take
    --profile;
 2. start tritonserver with the default deployment (or use --url, a server already running it) and
-   measure the serving overheads over the engine profile through it (planner.calibration);
+   measure the serving overheads over the engine profile through it (planner.validation.calibration);
 3. predict: simulate one prefill and one decode instance on exactly the requests and arrival times
    the benchmark sends at each rate (the engine limits of the default deployment);
 4. measure: the client benchmark's open-loop streaming run at each rate against the server; a
@@ -14,7 +14,7 @@
 5. print rate | predicted | measured | difference (points) and write validation.json.
 
 Between 2 and 3, when the server was started here, two load probes (--probe-rates, other requests
-of the same workload) measure the host's CPU contention (planner.host_cpu): on a CPU host every
+of the same workload) measure the host's CPU contention (planner.validation.host_cpu): on a CPU host every
 process of the deployment, and the load generator, share the cores, and every phase slows down as
 the host fills. The prediction is that of the simulator with every latency scaled by that
 slowdown; validation.json also has it without contention and from the engine profile alone."""
@@ -34,17 +34,22 @@ from typing import Any
 import numpy as np
 
 from backends.common.params import ParameterError
+from backends.launcher import TritonServer, TritonServerConfig
+from client.bench.requests import arrival_times, make_requests
+from client.bench.runner import run_rate
+from client.bench.stats import summarize
 from measure.cpu_usage import snapshot, usage
 from planner import PlannerError
-from planner.calibration import NO_OVERHEAD, CalibrationPlan, calibrate, with_overheads
-from planner.check_predict import ProbeRun, Requests, predict, predict_contended, probe_host
 from planner.deployment import default_deployment
-from planner.host_cpu import NO_CONTENTION, HostCpu
 from planner.latency import PhaseLatency
 from planner.model_spec import from_hf_config
 from planner.profile import TpProfile, load_profile, save_profile
 from planner.profiler import ProfileGrid, build_profile, measure
+from planner.repository import relative_model_dir, write_repository
 from planner.sim_stats import fraction_with_ci
+from planner.validation.calibration import NO_OVERHEAD, CalibrationPlan, calibrate, with_overheads
+from planner.validation.check_predict import ProbeRun, Requests, predict, predict_contended, probe_host
+from planner.validation.host_cpu import NO_CONTENTION, HostCpu
 
 # The shapes the default workload reaches: prompts up to ~1k tokens, decode batches up to ~32.
 VALIDATION_GRID = ProfileGrid(
@@ -104,8 +109,6 @@ def serving(model_dir: str, out: Path, url: str | None, log: Any) -> Iterator[tu
     if url:
         yield url, None
         return
-    from backends.launcher import TritonServer, TritonServerConfig
-    from planner.repository import relative_model_dir, write_repository
 
     repo = out / "model_repository"
     write_repository(default_deployment(relative_model_dir(model_dir, repo)), repo)
@@ -116,9 +119,6 @@ def serving(model_dir: str, out: Path, url: str | None, log: Any) -> Iterator[tu
 
 
 def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    from client.bench.requests import arrival_times, make_requests
-    from client.bench.runner import run_rate
-    from client.bench.stats import summarize
 
     check = Check(
         args.workload, tuple(args.rates), args.num_requests, args.ttft, args.tpot, args.cv, args.seed
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             )
     worst = max(abs(r["difference_points"]) for r in rows)
     return {
-        "command": "python -m planner.validate " + " ".join(args.argv),
+        "command": "python -m planner.validation " + " ".join(args.argv),
         "check": check.__dict__,
         "profile": tp.to_json(),
         "calibration": cal.as_dict(),
@@ -281,7 +281,7 @@ def _probe_rates(text: str) -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m planner.validate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m planner.validation", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/tiny-llama", help="Hugging Face model folder")
     ap.add_argument("--profile", help="engine profile JSON (default: profile now, num_threads=1)")
     ap.add_argument("--url", help="gRPC HOST:PORT of a server already running the default deployment")
