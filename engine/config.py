@@ -7,7 +7,7 @@ holds the serving knobs. Both are frozen and validated at construction.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +159,6 @@ class EngineConfig:
     # fp32 on CPU: run norms, activation, rotary and dense decode attention as compiled fused
     # kernels (engine/kernels.py), falling back to PyTorch ops where they cannot build.
     compiled_kernels: bool = True
-    extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

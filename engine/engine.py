@@ -28,7 +28,7 @@ from engine.decode_cache import DenseDecodeCache
 from engine.errors import RequestError
 from engine.kernels import kernels_for
 from engine.kv_cache import DTYPES, KVLayout, KVPool
-from engine.model import CausalLM, StepInput
+from engine.model import CausalLM, DenseDecodeStep, PagedDecodeStep, PrefillStep, StepInput
 from engine.rope import RotaryEmbedding
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler
@@ -137,9 +137,7 @@ class LLMEngine:
         )
         cos, sin = self.rotary.factors(pos, self.dtype, seq_lens)
         last = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        step = StepInput(
-            torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, None, None, last
-        )
+        step = PrefillStep(torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, last)
         logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), step, self.pool)
         return self._sample_and_append(seqs, logits)
 
@@ -221,18 +219,16 @@ class LLMEngine:
     # ---- internals -------------------------------------------------------------------------
 
     def _decode_input(self, batch: list[Sequence], dense: DenseDecodeCache | None) -> StepInput:
-        """The StepInput of a decode step over `batch` (with `dense`, bound to its rows)."""
+        """The input of a decode step over `batch` (with `dense`, bound to its rows)."""
         bs = self.config.block_size
         ctx = [s.num_tokens for s in batch]
         pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=self.device)
         slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(batch, ctx, strict=True)]
+        slot_mapping = torch.tensor(slots, device=self.device)
         ctx_t = torch.tensor(ctx, device=self.device)
         cos, sin = self.rotary.factors(pos, self.dtype, ctx_t)
-        step = StepInput(torch.tensor(slots, device=self.device), cos, sin, None, None, None, None)
-        if dense is not None:
-            step = step._replace(dense_keys_t=dense.keys_t, dense_values=dense.values, context_lens=ctx_t)
-            if self.kernels.compiled:  # the kernel masks by length and window itself
-                return step
+        if dense is not None and self.kernels.compiled:  # the kernel masks by length and window itself
+            return DenseDecodeStep(slot_mapping, cos, sin, dense.keys_t, dense.values, ctx_t)
         keys = max(ctx) if dense is not None else self.blocks.blocks_for(max(ctx)) * bs
         key_pos = torch.arange(keys, device=self.device)[None, :]
         mask = key_pos < ctx_t[:, None]  # [B, keys]
@@ -243,15 +239,12 @@ class LLMEngine:
             bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
                 ~mask, float("-inf")
             )
-            return step._replace(
-                key_bias=bias.repeat_interleave(self.model_config.num_kv_heads, dim=0)[:, None, :]
-            )
+            key_bias = bias.repeat_interleave(self.model_config.num_kv_heads, dim=0)[:, None, :]
+            return DenseDecodeStep(slot_mapping, cos, sin, dense.keys_t, dense.values, ctx_t, key_bias)
         width = keys // bs
         tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch]
-        return step._replace(
-            block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
-            key_mask=mask[:, None, None, :],
-        )
+        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+        return PagedDecodeStep(slot_mapping, cos, sin, block_tables, mask[:, None, None, :])
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         tokens = sample(

@@ -18,24 +18,42 @@ from engine.kernels import DecoderDims, TorchKernels
 from engine.kv_cache import KVPool
 
 
-class StepInput(NamedTuple):
-    """What one forward pass needs besides token ids; built once per step, shared by all layers."""
+class PrefillStep(NamedTuple):
+    """A prefill forward pass: the prompts of the batch, concatenated."""
 
     slot_mapping: torch.Tensor  # [N] long: block_id * block_size + offset, where each token's K/V goes
     cos: torch.Tensor  # [N, 1, head_dim] at each token's position, model dtype (RotaryEmbedding.factors)
     sin: torch.Tensor  # [N, 1, head_dim] in the model's dtype, first half negated
-    prefill_lens: list[int] | None  # prefill: prompt length of each sequence (tokens are concatenated)
-    block_tables: torch.Tensor | None  # paged decode: [B, max_blocks] long (padded with 0)
-    key_mask: torch.Tensor | None  # paged decode: [B, 1, 1, keys] bool, True = attend
-    last_token_index: torch.Tensor | None  # prefill: [B] index into N of each sequence's last token
-    # dense decode (DenseDecodeCache; sequence i of the batch is its row i): keys transposed
-    # [layers, rows, kvH, D, capacity], values [layers, rows, kvH, capacity, D], each sequence's
-    # context length including this token [B], and for TorchKernels an additive mask
-    # [B * kvH, 1, keys] (0 = attend, -inf = not; the compiled kernel masks by length itself).
-    dense_keys_t: torch.Tensor | None = None
-    dense_values: torch.Tensor | None = None
-    context_lens: torch.Tensor | None = None
+    prefill_lens: list[int]  # prompt length of each sequence
+    last_token_index: torch.Tensor  # [B] index into N of each sequence's last token
+
+
+class PagedDecodeStep(NamedTuple):
+    """A decode step reading K/V from the paged pool (one token per sequence: N = B)."""
+
+    slot_mapping: torch.Tensor  # [B]
+    cos: torch.Tensor  # [B, 1, head_dim]
+    sin: torch.Tensor  # [B, 1, head_dim]
+    block_tables: torch.Tensor  # [B, max_blocks] long (padded with 0)
+    key_mask: torch.Tensor  # [B, 1, 1, keys] bool, True = attend
+
+
+class DenseDecodeStep(NamedTuple):
+    """A decode step reading K/V from a DenseDecodeCache: sequence i of the batch is its row i."""
+
+    slot_mapping: torch.Tensor  # [B]
+    cos: torch.Tensor  # [B, 1, head_dim]
+    sin: torch.Tensor  # [B, 1, head_dim]
+    keys_t: torch.Tensor  # [layers, rows, kvH, D, capacity] (keys stored transposed)
+    values: torch.Tensor  # [layers, rows, kvH, capacity, D]
+    context_lens: torch.Tensor  # [B] each sequence's context length including this token
+    # For TorchKernels an additive mask [B * kvH, 1, keys] (0 = attend, -inf = not); None for the
+    # compiled kernel, which masks by length (and window) itself.
     key_bias: torch.Tensor | None = None
+
+
+# What one forward pass needs besides token ids; built once per step, shared by all layers.
+StepInput = PrefillStep | PagedDecodeStep | DenseDecodeStep
 
 
 class RMSNorm(nn.Module):
@@ -87,9 +105,9 @@ class Attention(nn.Module):
         qk = self.kernels.rotary(qkv[:, : (h + kvh) * d].view(n, h + kvh, d), step.cos, step.sin)
         q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, (h + kvh) * d :].view(n, kvh, d)
-        if step.prefill_lens is not None:
+        if isinstance(step, PrefillStep):
             out = self._prefill_attention(q, k, v, step.prefill_lens)
-        elif step.dense_values is not None:
+        elif isinstance(step, DenseDecodeStep):
             out = self._dense_decode_attention(q, k, v, step)
         else:
             self.kernels.write_kv(pool.tensor[self.layer : self.layer + 1], step.slot_mapping, [k], [v])
@@ -122,8 +140,7 @@ class Attention(nn.Module):
             start += length
         return torch.cat(outs, dim=0)
 
-    def _decode_attention(self, q: torch.Tensor, cache: torch.Tensor, step: StepInput) -> torch.Tensor:
-        assert step.block_tables is not None and step.key_mask is not None
+    def _decode_attention(self, q: torch.Tensor, cache: torch.Tensor, step: PagedDecodeStep) -> torch.Tensor:
         b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
         # index_select copies whole blocks (rows); advanced indexing on dim 1 is ~30% slower here.
         kv = cache.index_select(1, step.block_tables.view(-1))  # [2, B * max_blocks, block_size, kvH, D]
@@ -136,11 +153,9 @@ class Attention(nn.Module):
         return o.reshape(b, self.num_heads, d)
 
     def _dense_decode_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInput
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: DenseDecodeStep
     ) -> torch.Tensor:
-        assert step.dense_keys_t is not None and step.dense_values is not None
-        assert step.context_lens is not None
-        keys_t, values = step.dense_keys_t[self.layer], step.dense_values[self.layer]
+        keys_t, values = step.keys_t[self.layer], step.values[self.layer]
         return self.kernels.dense_decode_attention(q, k, v, keys_t, values, step.context_lens, step.key_bias)
 
 
@@ -267,13 +282,13 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
         """input_ids: [N] -> logits [B, vocab] (fp32) for the last token of each sequence."""
         x = self.model.embed_tokens(input_ids)
-        if step.dense_values is not None and self.dense_decoder is not None:
+        if isinstance(step, DenseDecodeStep) and self.dense_decoder is not None:
             x = self.dense_decoder.forward(
                 x,
                 step.cos,
                 step.sin,
-                step.dense_keys_t,
-                step.dense_values,
+                step.keys_t,
+                step.values,
                 step.context_lens,
                 pool.tensor,
                 step.slot_mapping,
@@ -284,9 +299,9 @@ class CausalLM(nn.Module):
                 x, k, v = layer(x, step, pool)
                 keys.append(k)
                 values.append(v)
-            if step.block_tables is None:  # paged decode wrote its K/V layer by layer
+            if not isinstance(step, PagedDecodeStep):  # paged decode wrote its K/V layer by layer
                 self.kernels.write_kv(pool.tensor, step.slot_mapping, keys, values)
-        if step.last_token_index is not None:
+        if isinstance(step, PrefillStep):
             x = x[step.last_token_index]
         logits = self.lm_head(self.model.norm(x))
         return logits if logits.dtype == torch.float32 else logits.float()

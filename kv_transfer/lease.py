@@ -73,11 +73,6 @@ class LeaseTable:
         )
         self._reaper.start()
 
-    @property
-    def num_active(self) -> int:
-        with self._lock:
-            return sum(1 for lease in self._leases.values() if lease.ended is None)
-
     def open(self, block_ids: list[int]) -> str:
         """Takes a reference on the blocks and returns a new lease id."""
         self._bm.incref(block_ids)

@@ -57,10 +57,6 @@ class ClusterSpec:
     def intra_node_gbps(self) -> float:
         return self.nvlink_gbps if self.nvlink else self.pcie_gbps
 
-    def link_gbps(self, a: int, b: int) -> float:
-        """Bandwidth between a GPU on node `a` and one on node `b`."""
-        return self.intra_node_gbps() if a == b else self.network_gbps
-
     def transfer_seconds(self, nbytes: float, same_node: bool) -> float:
         gbps = self.intra_node_gbps() if same_node else self.network_gbps
         return self.link_latency_s + nbytes / (gbps * 1e9)

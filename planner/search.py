@@ -12,7 +12,6 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from planner import PlannerError
 from planner.cluster import ClusterSpec
 from planner.goodput import Goodput, SearchSettings, Slo, search_goodput
 from planner.latency import DEFAULT_HOP_MS, PhaseLatency, phase_latency
@@ -185,8 +184,3 @@ def evaluate(problem: Problem, tasks: Iterable[PhaseTask], desc: str = "goodput"
     finally:
         bar.close()
     return results
-
-
-def check_profile(problem: Problem) -> None:
-    if not problem.profile:
-        raise PlannerError(f"the profile has no tensor-parallel entries for {problem.model.name}")

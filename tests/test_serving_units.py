@@ -225,3 +225,15 @@ def test_routing_groups_keep_a_request_in_one_group() -> None:
         RoutingTable.parse("prefill_0,prefill_1", "decode_0", "prefill_0:decode_0")
     with pytest.raises(ValueError, match="must be 'prefill"):
         RoutingTable.parse("prefill_0", "decode_0", "prefill_0")
+
+
+def test_metric_catalog_declares_each_family_once() -> None:
+    from backends.common.metrics import CATALOG
+
+    names = [m.name for m in CATALOG]
+    assert len(names) == len(set(names))
+    for m in CATALOG:
+        assert m.kind in ("gauge", "counter", "histogram") and m.name.startswith("disagg_") and m.description
+        assert (m.kind == "histogram") == bool(m.buckets), m.name
+        assert (m.kind == "counter") == m.name.endswith("_total"), m.name
+        assert list(m.buckets) == sorted(m.buckets)

@@ -10,14 +10,13 @@ import time
 from typing import Any
 
 from backends.colocated.worker import ColocatedMetrics, ColocatedWorker
-from backends.common.client_stream import ClientStream
-from backends.common.metrics import BATCH_BUCKETS
+from backends.common import metrics as M
+from backends.common.client_stream import ClientStream, LatencyMetrics
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.message import ClientRequest
 from backends.message.specs import CLIENT_INPUTS
-from backends.orchestrator.telemetry import latency_metrics
 from engine.engine import LLMEngine
 from engine.errors import RequestError
 from engine.tokenizer import load_tokenizer
@@ -32,19 +31,17 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(engine_config.model_dir)
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
-        self.latency = latency_metrics(m)
+        self.latency = LatencyMetrics(m.create(M.TTFT), m.create(M.TPOT), m.create(M.REQUEST_SECONDS))
         # As in decode: the engine loop hands responses over and never waits on a send.
         self.outbox = Outbox(name="colocated-outbox")
         self.worker = ColocatedWorker(
             self.engine,
             ColocatedMetrics(
-                running=m.gauge("disagg_running_sequences", "Sequences in the decode batch"),
-                waiting=m.gauge("disagg_prefill_queue_depth", "Prompts waiting for prefill"),
-                free_blocks=m.gauge("disagg_kv_free_blocks", "Free KV blocks in the instance's pool"),
-                batch_size=m.histogram(
-                    "disagg_decode_batch_size", "Sequences per decode step", BATCH_BUCKETS
-                ),
-                cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
+                running=m.create(M.RUNNING_SEQUENCES),
+                waiting=m.create(M.PREFILL_QUEUE_DEPTH),
+                free_blocks=m.create(M.KV_FREE_BLOCKS),
+                batch_size=m.create(M.DECODE_BATCH_SIZE),
+                cancelled=m.create(M.CANCELLED),
             ),
         )
         freeze_startup_heap()

@@ -1,5 +1,5 @@
-"""Code shared by the Triton models: request parsing, text streaming, engine loops, metrics.
+"""Code shared by the Triton models: parameters, text streaming, engine loops, the outbox, metrics.
 
-Nothing here imports triton_python_backend_utils: the model.py files own every pb_utils call,
-so this package is testable without a server.
+Only triton_glue.py imports triton_python_backend_utils (it exists only inside the stub); the rest
+of this package is testable without a server.
 """

@@ -13,6 +13,8 @@ from backends.message import ClientChunk
 
 
 class LatencyMetrics(NamedTuple):
+    """What a client-facing model (orchestrator, colocated) observes per request."""
+
     ttft: Histogram = NULL  # arrival -> first token sent
     tpot: Histogram = NULL  # mean time per output token after the first, per request
     e2e: Histogram = NULL

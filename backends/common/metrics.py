@@ -1,9 +1,10 @@
-"""Metric interfaces the engine loops report to; the model.py files back them with Triton's
-pb_utils.MetricFamily (and tests with plain recorders)."""
+"""The metric catalog (every Prometheus family the models export, declared once) and the
+interfaces the engine loops report to; the model.py files back them with Triton's
+pb_utils.MetricFamily (triton_glue.Metrics.create), tests with plain recorders."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class Gauge(Protocol):
@@ -34,3 +35,78 @@ NULL = _Null()
 # Bucket bounds (seconds) for latency histograms: 1 ms .. 60 s, roughly x2.5 apart.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class MetricSpec(NamedTuple):
+    """One metric family: its name, kind (gauge, counter or histogram), help text and buckets."""
+
+    name: str
+    kind: str
+    description: str
+    buckets: tuple[float, ...] = ()
+
+
+# Client-facing latencies (orchestrator and colocated).
+TTFT = MetricSpec(
+    "disagg_ttft_seconds",
+    "histogram",
+    "Time to first token, request arrival to first response",
+    LATENCY_BUCKETS,
+)
+TPOT = MetricSpec(
+    "disagg_tpot_seconds",
+    "histogram",
+    "Mean time per output token after the first, per request",
+    LATENCY_BUCKETS,
+)
+REQUEST_SECONDS = MetricSpec(
+    "disagg_request_seconds", "histogram", "Request latency, arrival to final response", LATENCY_BUCKETS
+)
+# Engine instances (prefill, decode, colocated).
+PREFILL_QUEUE_DEPTH = MetricSpec("disagg_prefill_queue_depth", "gauge", "Prompts waiting for prefill")
+DECODE_QUEUE_DEPTH = MetricSpec(
+    "disagg_decode_queue_depth", "gauge", "Requests waiting for decode memory or their KV"
+)
+RUNNING_SEQUENCES = MetricSpec("disagg_running_sequences", "gauge", "Sequences in the decode batch")
+KV_FREE_BLOCKS = MetricSpec("disagg_kv_free_blocks", "gauge", "Free KV blocks in the instance's pool")
+KV_ACTIVE_LEASES = MetricSpec(
+    "disagg_kv_active_leases", "gauge", "KV leases waiting for a decode instance to pull"
+)
+PREFILL_BATCH_TOKENS = MetricSpec(
+    "disagg_prefill_batch_tokens",
+    "histogram",
+    "Prompt tokens per prefill batch",
+    tuple(16 * b for b in BATCH_BUCKETS),
+)
+PREFILL_QUEUE_SECONDS = MetricSpec(
+    "disagg_prefill_queue_seconds", "histogram", "Time a prompt waited for prefill", LATENCY_BUCKETS
+)
+DECODE_BATCH_SIZE = MetricSpec(
+    "disagg_decode_batch_size", "histogram", "Sequences per decode step", BATCH_BUCKETS
+)
+KV_TRANSFER_SECONDS = MetricSpec(
+    "disagg_kv_transfer_seconds", "histogram", "Time to pull one request's KV", LATENCY_BUCKETS
+)
+KV_TRANSFER_BYTES = MetricSpec(
+    "disagg_kv_transfer_bytes_total", "counter", "KV bytes pulled from prefill instances"
+)
+KV_TRANSFER_FAILURES = MetricSpec("disagg_kv_transfer_failures_total", "counter", "KV pulls that failed")
+CANCELLED = MetricSpec("disagg_cancelled_total", "counter", "Requests cancelled before completion")
+
+CATALOG = (
+    TTFT,
+    TPOT,
+    REQUEST_SECONDS,
+    PREFILL_QUEUE_DEPTH,
+    DECODE_QUEUE_DEPTH,
+    RUNNING_SEQUENCES,
+    KV_FREE_BLOCKS,
+    KV_ACTIVE_LEASES,
+    PREFILL_BATCH_TOKENS,
+    PREFILL_QUEUE_SECONDS,
+    DECODE_BATCH_SIZE,
+    KV_TRANSFER_SECONDS,
+    KV_TRANSFER_BYTES,
+    KV_TRANSFER_FAILURES,
+    CANCELLED,
+)

@@ -1,6 +1,8 @@
-"""The only code that touches triton_python_backend_utils: sinks, inputs, metrics.
+"""The python backend's API (triton_python_backend_utils) for the models: sinks, inputs, metrics.
 
-Imported from inside the python backend's stub process only (pb_utils exists nowhere else).
+Imported from inside the python backend's stub process only (pb_utils exists nowhere else). The
+model.py files and orchestrator/bls.py (BLS calls) use pb_utils too; everything else in backends/
+is free of it and testable without a server.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from backends.common.metrics import MetricSpec
 from backends.common.stub_lock import PB_LOCK
 from backends.message import InbandError, Message, Tensors, TensorSpec
 
@@ -163,14 +166,14 @@ class Metrics:
             self._families[name] = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         return self._families[name]
 
-    def gauge(self, name: str, description: str) -> _LockedMetric:
-        family = self._family(name, description, pb_utils.MetricFamily.GAUGE)
+    def create(self, spec: MetricSpec) -> _LockedMetric:
+        """This model instance's metric of a catalog family (backends.common.metrics)."""
+        kinds = {
+            "gauge": pb_utils.MetricFamily.GAUGE,
+            "counter": pb_utils.MetricFamily.COUNTER,
+            "histogram": pb_utils.MetricFamily.HISTOGRAM,
+        }
+        family = self._family(spec.name, spec.description, kinds[spec.kind])
+        if spec.kind == "histogram":
+            return self._track(family.Metric(labels=self.labels, buckets=list(spec.buckets)))
         return self._track(family.Metric(labels=self.labels))
-
-    def counter(self, name: str, description: str) -> _LockedMetric:
-        family = self._family(name, description, pb_utils.MetricFamily.COUNTER)
-        return self._track(family.Metric(labels=self.labels))
-
-    def histogram(self, name: str, description: str, buckets: Iterable[float]) -> _LockedMetric:
-        family = self._family(name, description, pb_utils.MetricFamily.HISTOGRAM)
-        return self._track(family.Metric(labels=self.labels, buckets=list(buckets)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from backends.common import metrics as M
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
@@ -45,22 +45,14 @@ class TritonPythonModel:
             self.engine,
             self.receiver,
             DecodeMetrics(
-                running=m.gauge("disagg_running_sequences", "Sequences in the decode batch"),
-                waiting=m.gauge(
-                    "disagg_decode_queue_depth", "Requests waiting for decode memory or their KV"
-                ),
-                free_blocks=m.gauge("disagg_kv_free_blocks", "Free KV blocks in the instance's pool"),
-                batch_size=m.histogram(
-                    "disagg_decode_batch_size", "Sequences per decode step", BATCH_BUCKETS
-                ),
-                kv_transfer_seconds=m.histogram(
-                    "disagg_kv_transfer_seconds", "Time to pull one request's KV", LATENCY_BUCKETS
-                ),
-                kv_transfer_bytes=m.counter(
-                    "disagg_kv_transfer_bytes_total", "KV bytes pulled from prefill instances"
-                ),
-                kv_transfer_failures=m.counter("disagg_kv_transfer_failures_total", "KV pulls that failed"),
-                cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
+                running=m.create(M.RUNNING_SEQUENCES),
+                waiting=m.create(M.DECODE_QUEUE_DEPTH),
+                free_blocks=m.create(M.KV_FREE_BLOCKS),
+                batch_size=m.create(M.DECODE_BATCH_SIZE),
+                kv_transfer_seconds=m.create(M.KV_TRANSFER_SECONDS),
+                kv_transfer_bytes=m.create(M.KV_TRANSFER_BYTES),
+                kv_transfer_failures=m.create(M.KV_TRANSFER_FAILURES),
+                cancelled=m.create(M.CANCELLED),
             ),
         )
         freeze_startup_heap()

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backends.common.client_stream import ClientStream
+from backends.common import metrics as M
+from backends.common.client_stream import ClientStream, LatencyMetrics
 from backends.common.params import OrchestratorParams, model_parameters, resolve_model_dir
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
 from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest
@@ -26,7 +27,6 @@ from backends.message.specs import CLIENT_INPUTS
 from backends.orchestrator.bls import BLSResponses, RetiredIterators
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import RoutingTable
-from backends.orchestrator.telemetry import latency_metrics
 from engine.errors import RequestError
 from engine.tokenizer import load_tokenizer
 from kv_transfer import LeaseReleaser
@@ -51,7 +51,8 @@ class TritonPythonModel:
         self.pool = ThreadPoolExecutor(params.max_concurrent_requests, thread_name_prefix="orch")
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = Metrics(args["model_name"], args["model_instance_name"])
-        self.latency = latency_metrics(self.metric_registry)
+        m = self.metric_registry
+        self.latency = LatencyMetrics(m.create(M.TTFT), m.create(M.TPOT), m.create(M.REQUEST_SECONDS))
 
     def _call(self, model: str, message: PrefillRequest | DecodeRequest | DecodeCancel) -> BLSResponses:
         names = [spec.name for spec in message.REPLY]

@@ -12,7 +12,7 @@ import os
 import secrets
 from typing import Any
 
-from backends.common.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
+from backends.common import metrics as M
 from backends.common.params import EngineParams, model_parameters
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.message import PrefillRequest
@@ -52,20 +52,12 @@ class TritonPythonModel:
             self.engine,
             self.sender,
             PrefillMetrics(
-                waiting=m.gauge("disagg_prefill_queue_depth", "Prompts waiting for prefill"),
-                free_blocks=m.gauge("disagg_kv_free_blocks", "Free KV blocks in the instance's pool"),
-                active_leases=m.gauge(
-                    "disagg_kv_active_leases", "KV leases waiting for a decode instance to pull"
-                ),
-                batch_tokens=m.histogram(
-                    "disagg_prefill_batch_tokens",
-                    "Prompt tokens per prefill batch",
-                    [16 * b for b in BATCH_BUCKETS],
-                ),
-                queue_seconds=m.histogram(
-                    "disagg_prefill_queue_seconds", "Time a prompt waited for prefill", LATENCY_BUCKETS
-                ),
-                cancelled=m.counter("disagg_cancelled_total", "Requests cancelled before completion"),
+                waiting=m.create(M.PREFILL_QUEUE_DEPTH),
+                free_blocks=m.create(M.KV_FREE_BLOCKS),
+                active_leases=m.create(M.KV_ACTIVE_LEASES),
+                batch_tokens=m.create(M.PREFILL_BATCH_TOKENS),
+                queue_seconds=m.create(M.PREFILL_QUEUE_SECONDS),
+                cancelled=m.create(M.CANCELLED),
             ),
         )
         log.info(
