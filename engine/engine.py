@@ -13,6 +13,10 @@ Contract:
 Finished sequences (EOS, stop token, max_tokens) get ``status=FINISHED`` and a ``finish_reason``;
 their blocks are freed by ``free()`` (``step()`` does it for sequences it scheduled).
 Not thread-safe: one thread drives an engine.
+
+The engine schedules, allocates blocks and samples; the forward pass is a step plan that a
+ModelRunner runs (engine/runner.py), or, with ``tp_size`` > 1, every rank of a tensor-parallel
+executor (engine/parallel/), which raises EngineDeadError once a rank has died.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.decode_cache import DenseDecodeCache
 from engine.errors import RequestError
-from engine.kernels import kernels_for
-from engine.kv_cache import DTYPES, KVLayout, KVPool
-from engine.model import CausalLM, DenseDecodeStep, PagedDecodeStep, PrefillStep, StepInput
-from engine.rope import RotaryEmbedding
+from engine.kv_cache import KVPool
+from engine.parallel.executor import TensorParallelExecutor
+from engine.runner import ForwardOutput, ModelRunner, kv_layout_for
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
-from engine.weights import load_weights
+from engine.sharding import single
+from engine.step_plan import StepKind, StepPlan
+
+__all__ = ["LLMEngine", "StepOutput", "StepResult", "kv_layout_for"]
 
 log = logging.getLogger(__name__)
 
@@ -48,48 +54,45 @@ class StepResult(NamedTuple):
     outputs: list[StepOutput]
 
 
-def kv_layout_for(config: EngineConfig, model_config: ModelConfig | None = None) -> KVLayout:
-    """The KV layout an engine with this config will have (to allocate its pool beforehand)."""
-    mc = model_config or ModelConfig.from_dir(config.model_dir)
-    dtype = mc.torch_dtype if config.dtype == "auto" else config.dtype
-    return KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, pool: KVPool | None = None) -> None:
+    def __init__(self, config: EngineConfig, pools: KVPool | list[KVPool] | None = None) -> None:
+        """`pools`: the KV pool of each tensor-parallel rank (one KVPool when tp_size is 1);
+        allocated by the engine when None. With tp_size > 1 the pools of ranks 1.. must be in
+        shared memory (engine.shm_pool), for the workers to attach."""
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model_dir)
-        mc = self.model_config
         if config.num_threads is not None and config.device == "cpu":
             torch.set_num_threads(config.num_threads)
-        self.device = torch.device(config.device)
-        self.dtype = DTYPES[mc.torch_dtype if config.dtype == "auto" else config.dtype]
-        self.max_model_len = min(config.max_model_len or mc.derived_max_len, mc.derived_max_len)
-        self.layout = kv_layout_for(config, mc)
-        if pool is None:
-            pool = KVPool.allocate(self.layout, config.num_blocks, self.device)
-        elif pool.layout != self.layout or pool.num_blocks != config.num_blocks:
-            raise ValueError(
-                f"KV pool {pool.layout} x{pool.num_blocks} does not match {self.layout} x{config.num_blocks}"
-            )
-        self.pool = pool
+        given = [pools] if isinstance(pools, KVPool) else pools
+        self.executor: TensorParallelExecutor | None = None
+        if config.tp_size > 1:
+            self.executor = TensorParallelExecutor(config, given)
+            self.runner = self.executor.runner
+        else:
+            device = torch.device(config.device)
+            self.runner = ModelRunner(config, single(self.model_config), device, given[0] if given else None)
+        self.device = self.runner.device
+        self.max_model_len = self.runner.max_model_len
+        self.layout = self.runner.layout
+        self.pool = self.runner.pool  # rank 0's
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        with torch.device("meta"):
-            model = CausalLM(mc)
-        load_weights(model, config.model_dir, self.dtype, self.device)
-        self.kernels = kernels_for(self.device, self.dtype, config.compiled_kernels, mc.sliding_window)
-        log.info(
-            "engine %s: %s kernels", config.model_dir, "compiled CPU" if self.kernels.compiled else "PyTorch"
-        )
-        model.fuse(self.kernels)
-        self.model = model.eval()
-        self.rotary = RotaryEmbedding(mc.rope, mc.head_dim, mc.max_position_embeddings, self.max_model_len)
-        self.rotary.to(self.device)
-        mode = config.decode_attention
-        dense = mode == "dense" or (mode == "auto" and self.device.type == "cpu")
-        # The dense cache may take as much memory as the pool itself, no more.
-        self.dense = DenseDecodeCache(pool, self.max_model_len, pool.tensor.nbytes) if dense else None
+        self._dropped: list[int] = []  # left since the last step: the other ranks drop them then
+
+    @property
+    def dense(self) -> DenseDecodeCache | None:
+        """Rank 0's dense decode cache (None when decode attention reads the paged pool)."""
+        return self.runner.dense
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine can run no more steps (a tensor-parallel rank died), or None."""
+        return self.executor.dead if self.executor is not None else None
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any."""
+        if self.executor is not None:
+            self.executor.close()
 
     # ---- validation ------------------------------------------------------------------------
 
@@ -119,27 +122,16 @@ class LLMEngine:
     # ---- entry points ----------------------------------------------------------------------
 
     def prefill(self, seqs: list[Sequence]) -> list[int]:
-        bs = self.config.block_size
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         for seq in seqs:
             if seq.block_table or seq.output_ids:
                 raise ValueError(f"sequence {seq.seq_id} was already prefilled")
             seq.block_table = self.blocks.allocate(self.blocks.blocks_for(seq.prompt_len))
-            tokens += seq.prompt_ids
-            positions += range(seq.prompt_len)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(seq.prompt_len)]
-        lens = [s.prompt_len for s in seqs]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        seq_lens = torch.repeat_interleave(
-            torch.tensor(lens, device=self.device), torch.tensor(lens, device=self.device)
+        plan = self._plan(
+            StepKind.PREFILL, seqs, [t for s in seqs for t in s.prompt_ids], [s.prompt_len for s in seqs]
         )
-        cos, sin = self.rotary.factors(pos, self.dtype, seq_lens)
-        last = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        step = PrefillStep(torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, last)
-        logits = self.model(torch.tensor(tokens, dtype=torch.long, device=self.device), step, self.pool)
-        return self._sample_and_append(seqs, logits)
+        out = self._run(plan)
+        assert out.logits is not None
+        return self._sample_and_append(seqs, out.logits)
 
     def decode_step(self, seqs: list[Sequence]) -> list[int]:
         for seq in seqs:
@@ -147,22 +139,14 @@ class LLMEngine:
                 raise ValueError(f"sequence {seq.seq_id} has not been prefilled")
             while len(seq.block_table) < self.blocks.blocks_for(seq.num_tokens):
                 seq.block_table += self.blocks.allocate(1)
-        # The dense cache fixes the row (= batch position) of each sequence; a batch too large
-        # for it decodes over the paged pool.
-        dense = self.dense
-        if dense is not None and not dense.fits(len(seqs), max(s.num_tokens for s in seqs)):
-            dense = None
-        batch = dense.bind(seqs) if dense is not None else seqs
-        step = self._decode_input(batch, dense)
-        ids = torch.tensor([s.last_token for s in batch], device=self.device)
-        logits = self.model(ids, step, self.pool)
-        if dense is not None:
-            dense.advance()
-        tokens = self._sample_and_append(batch, logits)
-        if batch is seqs:
-            return tokens
-        by_id = {s.seq_id: t for s, t in zip(batch, tokens, strict=True)}
-        return [by_id[s.seq_id] for s in seqs]
+        plan = self._plan(StepKind.DECODE, seqs, [s.last_token for s in seqs], [s.num_tokens for s in seqs])
+        out = self._run(plan)
+        assert out.logits is not None
+        # The runner may have reordered the batch (dense decode rows): sample in its order.
+        by_id = {s.seq_id: s for s in seqs}
+        batch = [by_id[i] for i in out.seq_ids]
+        tokens = dict(zip(out.seq_ids, self._sample_and_append(batch, out.logits), strict=True))
+        return [tokens[s.seq_id] for s in seqs]
 
     def adopt(self, seq: Sequence) -> list[int]:
         """Allocates the blocks that will receive a sequence's prompt KV from a prefill engine."""
@@ -172,8 +156,11 @@ class LLMEngine:
         return seq.block_table
 
     def free(self, seq: Sequence) -> None:
-        if self.dense is not None:
-            self.dense.drop(seq)
+        # Rank 0 drops the sequence's dense row now; the other ranks with the next plan, before
+        # anything else touches their caches, which keeps every rank's rows in the same order.
+        self.runner.drop([seq.seq_id])
+        if self.executor is not None:
+            self._dropped.append(seq.seq_id)
         if seq.block_table:
             self.blocks.free(seq.block_table)
             seq.block_table = []
@@ -218,33 +205,22 @@ class LLMEngine:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _decode_input(self, batch: list[Sequence], dense: DenseDecodeCache | None) -> StepInput:
-        """The input of a decode step over `batch` (with `dense`, bound to its rows)."""
-        bs = self.config.block_size
-        ctx = [s.num_tokens for s in batch]
-        pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=self.device)
-        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(batch, ctx, strict=True)]
-        slot_mapping = torch.tensor(slots, device=self.device)
-        ctx_t = torch.tensor(ctx, device=self.device)
-        cos, sin = self.rotary.factors(pos, self.dtype, ctx_t)
-        if dense is not None and self.kernels.compiled:  # the kernel masks by length and window itself
-            return DenseDecodeStep(slot_mapping, cos, sin, dense.keys_t, dense.values, ctx_t)
-        keys = max(ctx) if dense is not None else self.blocks.blocks_for(max(ctx)) * bs
-        key_pos = torch.arange(keys, device=self.device)[None, :]
-        mask = key_pos < ctx_t[:, None]  # [B, keys]
-        window = self.model_config.sliding_window
-        if window is not None:
-            mask &= key_pos > ctx_t[:, None] - 1 - window
-        if dense is not None:  # an additive mask row per (sequence, KV head)
-            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
-                ~mask, float("-inf")
-            )
-            key_bias = bias.repeat_interleave(self.model_config.num_kv_heads, dim=0)[:, None, :]
-            return DenseDecodeStep(slot_mapping, cos, sin, dense.keys_t, dense.values, ctx_t, key_bias)
-        width = keys // bs
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch]
-        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
-        return PagedDecodeStep(slot_mapping, cos, sin, block_tables, mask[:, None, None, :])
+    def _plan(
+        self, kind: StepKind, seqs: list[Sequence], tokens: list[int], num_tokens: list[int]
+    ) -> StepPlan:
+        plan = StepPlan(
+            kind,
+            tuple(s.seq_id for s in seqs),
+            tuple(tokens),
+            tuple(num_tokens),
+            tuple(tuple(s.block_table) for s in seqs),
+            tuple(self._dropped),
+        )
+        self._dropped.clear()
+        return plan
+
+    def _run(self, plan: StepPlan) -> ForwardOutput:
+        return self.executor.run(plan) if self.executor is not None else self.runner.run(plan)
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         tokens = sample(

@@ -7,6 +7,7 @@ match Hugging Face checkpoints so safetensors load by name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -16,6 +17,10 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.kernels import DecoderDims, TorchKernels
 from engine.kv_cache import KVPool
+from engine.sharding import TPShard, single
+
+# Sums a tensor over the tensor-parallel ranks, in place (row-parallel projections).
+AllReduce = Callable[[torch.Tensor], None]
 
 
 class PrefillStep(NamedTuple):
@@ -72,23 +77,25 @@ class Attention(nn.Module):
     qkv_proj: Projection  # set by fuse()
     kernels: TorchKernels = TorchKernels()  # set by CausalLM.fuse()
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, shard: TPShard, all_reduce: AllReduce | None) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, cfg.head_dim
         self.sliding_window = cfg.sliding_window
+        self.all_reduce = all_reduce
         h, d = cfg.hidden_size, cfg.head_dim
-        # Checkpoint-shaped projections, replaced by fuse() once the weights are loaded.
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.o_proj_bias)
+        # Checkpoint-shaped projections (this rank's slice), replaced by fuse() once loaded.
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.o_proj_bias)
 
     def fuse(self, kernels: TorchKernels) -> None:
         """Replaces q/k/v projections by one concatenated projection (after weights are loaded)."""
         self.kernels = kernels
         self.qkv_proj = Projection(self.q_proj, self.k_proj, self.v_proj, kernels=kernels)
-        self.o_proj = Projection(self.o_proj, kernels=kernels)  # type: ignore[assignment]
+        self.o_proj = Projection(self.o_proj, kernels=kernels, all_reduce=self.all_reduce)  # type: ignore[assignment]
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
@@ -163,16 +170,18 @@ class MLP(nn.Module):
     gate_up_proj: Projection  # set by fuse()
     kernels: TorchKernels = TorchKernels()  # set by CausalLM.fuse()
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard, all_reduce: AllReduce | None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        inter = shard.intermediate_size  # this rank's columns
+        self.all_reduce = all_reduce
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def fuse(self, kernels: TorchKernels) -> None:
         self.kernels = kernels
         self.gate_up_proj = Projection(self.gate_proj, self.up_proj, kernels=kernels)
-        self.down_proj = Projection(self.down_proj, kernels=kernels)  # type: ignore[assignment]
+        self.down_proj = Projection(self.down_proj, kernels=kernels, all_reduce=self.all_reduce)  # type: ignore[assignment]
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -192,9 +201,14 @@ class Projection(nn.Module):
     weight: torch.Tensor  # opaque: what kernels.prepare_weight returned
     bias: torch.Tensor | None  # [out]
 
-    def __init__(self, *linears: nn.Linear, kernels: TorchKernels) -> None:
+    def __init__(
+        self, *linears: nn.Linear, kernels: TorchKernels, all_reduce: AllReduce | None = None
+    ) -> None:
+        """`all_reduce`: this is a row-parallel projection, whose partial output is summed over the
+        tensor-parallel ranks before its bias and the residual are added (each counted once)."""
         super().__init__()
         self.kernels = kernels
+        self.all_reduce = all_reduce
         with torch.no_grad():
             weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [out, in]
             self.out_features, self.in_features = weight.shape
@@ -208,6 +222,12 @@ class Projection(nn.Module):
         Without a bias the GEMM accumulates into the residual itself (beta = 1), which rounds
         exactly like adding afterwards: no extra op, no new tensor."""
         k, n = self.in_features, self.out_features
+        if self.all_reduce is not None:
+            out = self.kernels.linear(x, self.weight, k, n, None)
+            self.all_reduce(out)
+            if self.bias is not None:
+                out += self.bias
+            return out if residual is None else residual.add_(out)
         if self.bias is None:
             return self.kernels.linear(x, self.weight, k, n, residual)
         out = self.kernels.linear(x, self.weight, k, n, None) + self.bias
@@ -215,10 +235,10 @@ class Projection(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, shard: TPShard, all_reduce: AllReduce | None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer, shard, all_reduce)
+        self.mlp = MLP(cfg, shard, all_reduce)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -231,27 +251,36 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard, all_reduce: AllReduce | None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shard, all_reduce) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
     """The decoder plus LM head. forward() returns logits of each sequence's last token only.
-    Call fuse() once the weights are loaded, before the first forward()."""
+    Call fuse() once the weights are loaded, before the first forward().
+
+    With tensor parallelism (`shard` of size > 1) this is one rank's share (see
+    engine/sharding.py): `all_reduce` sums the row-parallel projections over the ranks,
+    and only rank 0 has the LM head (it samples); the other ranks' forward() returns None."""
 
     kernels: TorchKernels = TorchKernels()  # set by fuse()
     dense_decoder: Any = None  # set by fuse() where the kernels run whole decode steps
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self, cfg: ModelConfig, shard: TPShard | None = None, all_reduce: AllReduce | None = None
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.shard = shard or single(cfg)
+        self.model = Backbone(cfg, self.shard, all_reduce)
+        self.lm_head: nn.Module | None = None
+        if self.shard.is_first:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse(self, kernels: TorchKernels) -> None:
         """Concatenates projections that read the same input into one weight each, prepared for
@@ -264,23 +293,27 @@ class CausalLM(nn.Module):
             layer.input_layernorm.kernels = layer.post_attention_layernorm.kernels = kernels
         self.model.norm.kernels = kernels
         cfg = self.config
-        dims = DecoderDims(
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-            cfg.rms_norm_eps,
-        )
-        self.dense_decoder = kernels.dense_decoder(
-            dims, [_decoder_weights(layer) for layer in self.model.layers]
-        )
-        if not self.config.tie_word_embeddings:  # a tied head would need a second copy
-            self.lm_head = Projection(self.lm_head, kernels=kernels)  # type: ignore[assignment]
+        if self.shard.size == 1:  # a whole-step decoder has no place for the ranks' all-reduces
+            dims = DecoderDims(
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                cfg.intermediate_size,
+                cfg.rms_norm_eps,
+            )
+            self.dense_decoder = kernels.dense_decoder(
+                dims, [_decoder_weights(layer) for layer in self.model.layers]
+            )
+        if (
+            isinstance(self.lm_head, nn.Linear) and not cfg.tie_word_embeddings
+        ):  # tied: it would be a second copy
+            self.lm_head = Projection(self.lm_head, kernels=kernels)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor:
-        """input_ids: [N] -> logits [B, vocab] (fp32) for the last token of each sequence."""
+    def forward(self, input_ids: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor | None:
+        """input_ids: [N] -> logits [B, vocab] (fp32) for the last token of each sequence (None on
+        a tensor-parallel rank other than 0, which only writes its share of the KV)."""
         x = self.model.embed_tokens(input_ids)
         if isinstance(step, DenseDecodeStep) and self.dense_decoder is not None:
             x = self.dense_decoder.forward(
@@ -301,6 +334,8 @@ class CausalLM(nn.Module):
                 values.append(v)
             if not isinstance(step, PagedDecodeStep):  # paged decode wrote its K/V layer by layer
                 self.kernels.write_kv(pool.tensor, step.slot_mapping, keys, values)
+        if self.lm_head is None:
+            return None
         if isinstance(step, PrefillStep):
             x = x[step.last_token_index]
         logits = self.lm_head(self.model.norm(x))

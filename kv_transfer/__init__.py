@@ -28,7 +28,6 @@ from kv_transfer.errors import (
 from kv_transfer.factory import create_receiver, create_sender
 from kv_transfer.handle import HANDLE_VERSION, TRANSPORTS, KVHandle, ShardRef
 from kv_transfer.release import LeaseReleaser
-from kv_transfer.shm_pool import ShmKVPool
 
 __all__ = [
     "HANDLE_VERSION",
@@ -52,7 +51,6 @@ __all__ = [
     "ReceiverConfig",
     "SenderConfig",
     "ShardRef",
-    "ShmKVPool",
     "TransferCounters",
     "create_receiver",
     "create_sender",

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.kv_cache import DTYPES, KVLayout
+from engine.shm_pool import SEGMENT_RE
 from kv_transfer.errors import KVHandleError
 
 HANDLE_VERSION = 1
@@ -34,7 +35,6 @@ TRANSPORTS = ("shm", "tcp", "cuda_ipc", "nccl")
 MAX_HANDLE_BYTES = 1 << 20
 MAX_BLOCKS = 1 << 22
 _HEX = re.compile(r"[0-9a-f]+")
-SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HOST_RE = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 
 

@@ -21,10 +21,10 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.kv_cache import KVLayout, KVPool
+from engine.shm_pool import ShmKVPool
 from kv_transfer.base import KVSender
 from kv_transfer.config import SenderConfig
 from kv_transfer.factory import create_sender
-from kv_transfer.shm_pool import ShmKVPool
 
 
 def logical_kv(layout: KVLayout, num_blocks: int, seed: int) -> torch.Tensor:

@@ -17,12 +17,13 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.kv_cache import KVLayout, KVPool
+from engine.shm_pool import SegmentError, ShmKVPool
 from kv_transfer.base import KVReceiver, KVSender, ProgressFn
 from kv_transfer.blockcopy import matched_runs, planes_u8
 from kv_transfer.config import ReceiverConfig, SenderConfig
+from kv_transfer.errors import KVTransferError
 from kv_transfer.handle import KVHandle, ShardRef
 from kv_transfer.reshard import ShardPlan, place
-from kv_transfer.shm_pool import ShmKVPool
 
 _MAX_ATTACHED = 64
 
@@ -63,7 +64,10 @@ class ShmReceiver(KVReceiver):
         with self._attach_lock:
             src = self._attached.get(key)
             if src is None:
-                src = ShmKVPool.attach(shard.segment, layout, shard.pool_blocks)
+                try:
+                    src = ShmKVPool.attach(shard.segment, layout, shard.pool_blocks)
+                except SegmentError as exc:
+                    raise KVTransferError(f"{exc} (prefill instance gone?)") from None
                 self._attached[key] = src
                 # Mappings of segments not used lately are dropped (a pull still holding one keeps
                 # it mapped through its own reference until it finishes).

@@ -27,7 +27,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def _row_matches_pool(engine: LLMEngine, seq: Sequence) -> bool:
     assert engine.dense is not None
-    row = engine.dense.order.index(seq)
+    row = engine.dense.order.index(seq.seq_id)
     n = seq.num_tokens - 1
     kv = engine.pool.gather(seq.block_table).flatten(2, 3)[:, :, :n]  # [L, 2, n, kvH, D]
     keys = engine.dense.keys_t[:, row, :, :, :n].permute(0, 3, 1, 2)  # [L, n, kvH, D]
@@ -53,7 +53,7 @@ def test_rows_mirror_the_pool_through_joins_leaves_and_growth(tiny_model_dir: Pa
     for batch in batches:
         for _ in range(14):
             engine.decode_step(batch)
-        assert {s.seq_id for s in engine.dense.order} == {s.seq_id for s in batch}
+        assert set(engine.dense.order) == {s.seq_id for s in batch}
         assert all(_row_matches_pool(engine, s) for s in batch)
     assert engine.dense.capacity > capacity_before, "contexts grew past the first capacity"
     for seq in seqs:
@@ -127,7 +127,7 @@ def test_batches_over_the_memory_budget_decode_paged_and_come_back(tiny_model_di
             engine.decode_step(seqs[:1])
         if engine.dense is not None:
             assert fell_back, "three rows padded to 128 tokens exceed 192 slots"
-            assert engine.dense.order == seqs[:1] and _row_matches_pool(engine, seqs[0])
+            assert engine.dense.order == [seqs[0].seq_id] and _row_matches_pool(engine, seqs[0])
             assert engine.dense.rows * engine.dense.capacity <= 192
         outputs[mode] = [s.output_ids for s in seqs]
     assert outputs["dense"] == outputs["paged"]

@@ -152,9 +152,9 @@ def test_dense_decoder_computes_what_the_per_op_forward_does(random_checkpoints:
             engine = LLMEngine(
                 EngineConfig(model_dir=str(random_checkpoints[name]), num_blocks=128, block_size=4)
             )
-            assert engine.kernels.compiled and engine.model.dense_decoder is not None
+            assert engine.runner.kernels.compiled and engine.runner.model.dense_decoder is not None
             if not fused:
-                engine.model.dense_decoder = None
+                engine.runner.model.dense_decoder = None
             seen = logits.setdefault(fused, [])
             sample = engine._sample_and_append
 

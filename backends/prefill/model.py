@@ -20,9 +20,9 @@ from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
 from backends.process_group import kv_segment_prefix
 from engine.engine import LLMEngine, kv_layout_for
 from engine.errors import RequestError
+from engine.shm_pool import ShmKVPool
 from kv_transfer.config import SenderConfig
 from kv_transfer.factory import create_sender
-from kv_transfer.shm_pool import ShmKVPool
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,12 @@
-"""A KVPool whose tensor lives in a named POSIX shared-memory segment (for the shm transport).
+"""A KVPool whose tensor lives in a named POSIX shared-memory segment.
 
-The creating process owns the segment and unlinks it on close(). Other processes attach by name with
-``ShmKVPool.attach``: a read-only mapping (a decode instance cannot corrupt the prefill pool) made
-with shm_open + mmap directly, so the attach is never registered with multiprocessing's resource
-tracker (which would otherwise unlink, or double-account, a segment that another process owns).
+Two users: the shm KV transfer (a decode instance copies blocks straight out of a prefill pool)
+and tensor parallelism on CPU (rank 0 creates every rank's pool, so that it can move KV in and out
+of all of them, and the worker ranks attach theirs). The creating process owns the segment and
+unlinks it on close(). Other processes attach by name with ``ShmKVPool.attach``: read-only unless
+asked (a decode instance cannot corrupt the prefill pool), with shm_open + mmap directly, so the
+attach is never registered with multiprocessing's resource tracker (which would otherwise unlink,
+or double-account, a segment that another process owns).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import gc
 import mmap
 import os
+import re
 import secrets
 import warnings
 from multiprocessing import shared_memory
@@ -20,8 +24,12 @@ from multiprocessing import shared_memory
 import torch
 
 from engine.kv_cache import KVLayout, KVPool
-from kv_transfer.errors import KVTransferError
-from kv_transfer.handle import SEGMENT_RE
+
+SEGMENT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class SegmentError(OSError):
+    """A shared segment is missing, too small, or badly named."""
 
 
 def pool_nbytes(layout: KVLayout, num_blocks: int) -> int:
@@ -41,7 +49,7 @@ class ShmKVPool(KVPool):
     ) -> None:
         nbytes = pool_nbytes(layout, num_blocks)
         if len(buf) < nbytes:
-            raise KVTransferError(f"shared segment {name} has {len(buf)} bytes, the pool needs {nbytes}")
+            raise SegmentError(f"shared segment {name} has {len(buf)} bytes, the pool needs {nbytes}")
         with warnings.catch_warnings():
             # A read-only mapping: torch warns that the buffer is not writable; it is only read.
             warnings.simplefilter("ignore", UserWarning)
@@ -67,23 +75,23 @@ class ShmKVPool(KVPool):
         return cls(layout, shm.buf, num_blocks, name, shm)
 
     @classmethod
-    def attach(cls, name: str, layout: KVLayout, num_blocks: int) -> ShmKVPool:
-        """Maps an existing segment read-only; raises KVTransferError if it is missing or too small."""
+    def attach(cls, name: str, layout: KVLayout, num_blocks: int, writable: bool = False) -> ShmKVPool:
+        """Maps an existing segment (read-only unless `writable`); raises SegmentError if it is
+        missing or too small."""
         if not SEGMENT_RE.fullmatch(name):
-            raise KVTransferError(f"invalid segment name {name!r}")
+            raise SegmentError(f"invalid segment name {name!r}")
         try:
-            fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR if writable else os.O_RDONLY, mode=0o600)
         except FileNotFoundError:
-            raise KVTransferError(
-                f"shared segment {name!r} does not exist (prefill instance gone?)"
-            ) from None
+            raise SegmentError(f"shared segment {name!r} does not exist") from None
         try:
             size = os.fstat(fd).st_size
             if size < pool_nbytes(layout, num_blocks):
-                raise KVTransferError(
+                raise SegmentError(
                     f"shared segment {name} has {size} bytes, the pool needs {pool_nbytes(layout, num_blocks)}"
                 )
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
         finally:
             os.close(fd)
         return cls(layout, mm, num_blocks, name, mm)

@@ -1,0 +1,180 @@
+"""The model of one rank over its KV pool: runs the step plans rank 0 decides.
+
+A ModelRunner holds what a forward pass needs (the weights of this rank's shard, its KV pool, the
+rotary tables, the dense decode cache) and nothing of scheduling or sampling. Every rank of a
+tensor-parallel engine runs the same plans in the same order, so their pools and dense decode
+rows stay identical in layout; only rank 0 computes logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.decode_cache import DenseDecodeCache
+from engine.kernels import kernels_for
+from engine.kv_cache import DTYPES, KVLayout, KVPool
+from engine.model import CausalLM, DenseDecodeStep, PagedDecodeStep, PrefillStep, StepInput
+from engine.rope import RotaryEmbedding
+from engine.sharding import TPShard
+from engine.step_plan import StepKind, StepPlan
+from engine.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+AllReduce = Callable[[torch.Tensor], None]
+
+
+class SeqView(NamedTuple):
+    """What the dense decode cache needs of a sequence (it never reads tokens)."""
+
+    seq_id: int
+    num_tokens: int
+    block_table: list[int]
+
+
+class ForwardOutput(NamedTuple):
+    """A step's logits (rank 0 only; [B, vocab] fp32) and the sequence ids in their row order."""
+
+    logits: torch.Tensor | None
+    seq_ids: list[int]
+
+
+def kv_layout_for(config: EngineConfig, model_config: ModelConfig | None = None) -> KVLayout:
+    """The KV layout of one rank's pool (its share of the KV heads)."""
+    mc = model_config or ModelConfig.from_dir(config.model_dir)
+    dtype = mc.torch_dtype if config.dtype == "auto" else config.dtype
+    layout = KVLayout(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, dtype)
+    return layout.tp_shard(config.tp_size)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        shard: TPShard,
+        device: torch.device,
+        pool: KVPool | None = None,
+        all_reduce: AllReduce | None = None,
+    ) -> None:
+        """`pool`: this rank's KV pool (allocated here when None). `all_reduce` sums a tensor over
+        the ranks in place (required when shard.size > 1)."""
+        mc = ModelConfig.from_dir(config.model_dir)
+        if shard.size > 1 and all_reduce is None:
+            raise ValueError("a tensor-parallel rank needs an all-reduce")
+        self.config, self.model_config, self.shard, self.device = config, mc, shard, device
+        self.dtype = DTYPES[mc.torch_dtype if config.dtype == "auto" else config.dtype]
+        self.max_model_len = min(config.max_model_len or mc.derived_max_len, mc.derived_max_len)
+        self.layout = kv_layout_for(config, mc)
+        if pool is None:
+            pool = KVPool.allocate(self.layout, config.num_blocks, device)
+        elif pool.layout != self.layout or pool.num_blocks != config.num_blocks:
+            raise ValueError(
+                f"KV pool {pool.layout} x{pool.num_blocks} does not match {self.layout} x{config.num_blocks}"
+            )
+        self.pool = pool
+        with torch.device("meta"):
+            model = CausalLM(mc, shard, all_reduce)
+        load_weights(model, config.model_dir, self.dtype, device)
+        self.kernels = kernels_for(device, self.dtype, config.compiled_kernels, mc.sliding_window)
+        log.info(
+            "engine %s rank %d/%d: %s kernels",
+            config.model_dir,
+            shard.rank,
+            shard.size,
+            "compiled CPU" if self.kernels.compiled else "PyTorch",
+        )
+        model.fuse(self.kernels)
+        self.model = model.eval()
+        self.rotary = RotaryEmbedding(mc.rope, mc.head_dim, mc.max_position_embeddings, self.max_model_len)
+        self.rotary.to(device)
+        mode = config.decode_attention
+        dense = mode == "dense" or (mode == "auto" and device.type == "cpu")
+        # The dense cache may take as much memory as the pool itself, no more.
+        self.dense = DenseDecodeCache(pool, self.max_model_len, pool.tensor.nbytes) if dense else None
+
+    def drop(self, seq_ids: tuple[int, ...] | list[int]) -> None:
+        """Sequences that left the engine leave the dense cache (unknown ids are ignored)."""
+        if self.dense is not None:
+            for seq_id in seq_ids:
+                self.dense.drop_id(seq_id)
+
+    def run(self, plan: StepPlan) -> ForwardOutput:
+        """One forward pass; a plan's dropped sequences leave the dense cache first."""
+        self.drop(plan.dropped)
+        if plan.kind == StepKind.PREFILL:
+            return self._prefill(plan)
+        if plan.kind == StepKind.DECODE:
+            return self._decode(plan)
+        raise ValueError(f"a model runner runs prefill and decode plans, not {plan.kind.name}")
+
+    def _prefill(self, plan: StepPlan) -> ForwardOutput:
+        bs = self.config.block_size
+        positions: list[int] = []
+        slots: list[int] = []
+        for n, table in zip(plan.num_tokens, plan.block_tables, strict=True):
+            positions += range(n)
+            slots += [table[p // bs] * bs + p % bs for p in range(n)]
+        lens = list(plan.num_tokens)
+        lens_t = torch.tensor(lens, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        cos, sin = self.rotary.factors(pos, self.dtype, torch.repeat_interleave(lens_t, lens_t))
+        step = PrefillStep(
+            torch.tensor(slots, dtype=torch.long, device=self.device), cos, sin, lens, lens_t.cumsum(0) - 1
+        )
+        ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
+        return ForwardOutput(self.model(ids, step, self.pool), list(plan.seq_ids))
+
+    def _decode(self, plan: StepPlan) -> ForwardOutput:
+        views = [
+            SeqView(s, n, list(t))
+            for s, n, t in zip(plan.seq_ids, plan.num_tokens, plan.block_tables, strict=True)
+        ]
+        last = dict(zip(plan.seq_ids, plan.token_ids, strict=True))
+        # The dense cache fixes the row (= batch position) of each sequence; a batch too large
+        # for it decodes over the paged pool.
+        dense = self.dense
+        if dense is not None and not dense.fits(len(views), max(v.num_tokens for v in views)):
+            dense = None
+        batch = views
+        if dense is not None:
+            by_id = {v.seq_id: v for v in views}
+            batch = [by_id[seq_id] for seq_id in dense.bind(views)]
+        step = self._decode_input(batch, dense)
+        ids = torch.tensor([last[v.seq_id] for v in batch], device=self.device)
+        logits = self.model(ids, step, self.pool)
+        if dense is not None:
+            dense.advance()
+        return ForwardOutput(logits, [v.seq_id for v in batch])
+
+    def _decode_input(self, batch: list[SeqView], dense: DenseDecodeCache | None) -> StepInput:
+        """The input of a decode step over `batch` (with `dense`, bound to its rows)."""
+        bs = self.config.block_size
+        ctx = [s.num_tokens for s in batch]
+        pos = torch.tensor([n - 1 for n in ctx], dtype=torch.long, device=self.device)
+        slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(batch, ctx, strict=True)]
+        slot_mapping = torch.tensor(slots, device=self.device)
+        ctx_t = torch.tensor(ctx, device=self.device)
+        cos, sin = self.rotary.factors(pos, self.dtype, ctx_t)
+        if dense is not None and self.kernels.compiled:  # the kernel masks by length and window itself
+            return DenseDecodeStep(slot_mapping, cos, sin, dense.keys_t, dense.values, ctx_t)
+        keys = max(ctx) if dense is not None else -(-max(ctx) // bs) * bs
+        key_pos = torch.arange(keys, device=self.device)[None, :]
+        mask = key_pos < ctx_t[:, None]  # [B, keys]
+        window = self.model_config.sliding_window
+        if window is not None:
+            mask &= key_pos > ctx_t[:, None] - 1 - window
+        if dense is not None:  # an additive mask row per (sequence, KV head)
+            bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~mask, float("-inf")
+            )
+            key_bias = bias.repeat_interleave(self.layout.num_kv_heads, dim=0)[:, None, :]
+            return DenseDecodeStep(slot_mapping, cos, sin, dense.keys_t, dense.values, ctx_t, key_bias)
+        width = keys // bs
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in batch]
+        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+        return PagedDecodeStep(slot_mapping, cos, sin, block_tables, mask[:, None, None, :])
