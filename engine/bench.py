@@ -1,7 +1,11 @@
-"""Prefill and decode throughput of the engine vs transformers on the same model, same run.
+"""Prefill and decode throughput of the engine vs transformers (or vs itself at TP=N) on the same
+model, same run.
 
     python -m engine.bench [--model DIR] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64]
-                                    [--decode-attention auto|dense|paged] [--repeats 3]
+                           [--decode-attention auto|dense|paged] [--repeats 3] [--tp N]
+
+With --tp N the engine at TP=1 (N threads) is measured against the engine at TP=N (N processes of
+one thread each): the same cores, split differently.
 
 Both sides get the same random prompts (equal lengths, so transformers needs no padding) and
 generate exactly --new-tokens tokens greedily (EOS ignored). Prefill throughput is prompt tokens
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -60,6 +65,43 @@ def bench_transformers(model: torch.nn.Module, prompts: list[list[int]], new_tok
     return Throughput(b * s / prefill_s, b * (new_tokens - 1) / max((t2 - t1) - prefill_s, 1e-9))
 
 
+class Side(NamedTuple):
+    """One side of a comparison: its name, how to measure it, and the torch threads it runs on."""
+
+    name: str
+    measure: Callable[[list[list[int]], int], Throughput]
+    threads: int
+
+
+def compare(
+    a: Side, b: Side, batches: list[int], prompt_len: int, new_tokens: int, repeats: int, vocab: int
+) -> None:
+    """Prints a row per batch size: each side's best of `repeats` alternating runs, and the ratio."""
+    gen = torch.Generator().manual_seed(0)
+    print(
+        f"{'batch':>5} | {a.name + ' prefill':>16} {b.name + ' prefill':>16} {'ratio':>6} | "
+        f"{a.name + ' decode':>15} {b.name + ' decode':>15} {'ratio':>6}  (tok/s)"
+    )
+    for batch in batches:
+        before = snapshot()
+        prompts = torch.randint(3, vocab, (batch, prompt_len), generator=gen).tolist()
+        runs: dict[str, list[Throughput]] = {a.name: [], b.name: []}
+        for side in (a, b):  # warm-up
+            torch.set_num_threads(side.threads)
+            side.measure(prompts[:1], 4)
+        # Alternate the two so that both see the same machine state (this host is shared and noisy).
+        for _ in range(repeats):
+            for side in (a, b):
+                torch.set_num_threads(side.threads)
+                runs[side.name].append(side.measure(prompts, new_tokens))
+        x, y = (max(runs[s.name], key=lambda t: t.decode_tok_s) for s in (a, b))
+        print(
+            f"{batch:>5} | {x.prefill_tok_s:>16.0f} {y.prefill_tok_s:>16.0f} {x.prefill_tok_s / y.prefill_tok_s:>6.2f} | "
+            f"{x.decode_tok_s:>15.0f} {y.decode_tok_s:>15.0f} {x.decode_tok_s / y.decode_tok_s:>6.2f}"
+            f"  [{usage(before, snapshot()).cores_stolen:.2f} cores stolen]"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -70,49 +112,51 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--decode-attention", default="auto", choices=["auto", "dense", "paged"])
     parser.add_argument("--repeats", type=int, default=3, help="best of N alternating runs per measurement")
+    parser.add_argument("--tp", type=int, default=1, help="compare TP=1 with TP=N instead of transformers")
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM
-
     batches = [int(b) for b in args.batches.split(",")]
-    config = EngineConfig(
-        model_dir=args.model,
-        num_blocks=4096,
-        max_num_seqs=max(batches),
-        decode_attention=args.decode_attention,
-    )
-    engine = LLMEngine(config)
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+
+    def engine(tp: int) -> LLMEngine:
+        config = EngineConfig(
+            model_dir=args.model,
+            num_blocks=4096,
+            max_num_seqs=max(batches),
+            decode_attention=args.decode_attention,
+            tp_size=tp,
+            num_threads=1 if tp > 1 else None,
+        )
+        return LLMEngine(config)
+
+    base = engine(1)
+    threads = torch.get_num_threads()
+    closing: list[LLMEngine] = []
+    if args.tp > 1:
+        other = engine(args.tp)
+        closing.append(other)
+        a = Side("TP=1", lambda p, n: bench_engine(base, p, n), args.tp)
+        b = Side(f"TP={args.tp}", lambda p, n: bench_engine(other, p, n), 1)
+        what = f"TP=1 on {args.tp} threads vs TP={args.tp} on {args.tp} processes of 1 thread"
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        a = Side("engine", lambda p, n: bench_engine(base, p, n), threads)
+        b = Side("hf", lambda p, n: bench_transformers(hf, p, n), threads)
+        what = f"{threads} threads"
     # Both models live as long as the run: keep full collections from re-scanning them between
     # steps (as the serving models do, triton_glue.freeze_startup_heap). Same for both sides.
     gc.collect()
     gc.freeze()
-    vocab = engine.model_config.vocab_size
-    gen = torch.Generator().manual_seed(0)
     print(
-        f"model {args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-        f"{torch.get_num_threads()} threads, decode attention {'dense' if engine.dense else 'paged'}"
+        f"model {args.model}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {what}, "
+        f"decode attention {'dense' if base.dense else 'paged'}"
     )
-    print(
-        f"{'batch':>5} | {'engine prefill':>14} {'hf prefill':>11} {'ratio':>6} | {'engine decode':>13} {'hf decode':>10} {'ratio':>6}  (tok/s)"
-    )
-    for b in batches:
-        before = snapshot()
-        prompts = torch.randint(3, vocab, (b, args.prompt_len), generator=gen).tolist()
-        bench_engine(engine, prompts[:1], 4)  # warm-up
-        bench_transformers(hf, prompts[:1], 4)
-        # Alternate the two so that both see the same machine state (this host is shared and noisy).
-        runs = [
-            (bench_engine(engine, prompts, args.new_tokens), bench_transformers(hf, prompts, args.new_tokens))
-            for _ in range(args.repeats)
-        ]
-        ours = max((r[0] for r in runs), key=lambda t: t.decode_tok_s)
-        ref = max((r[1] for r in runs), key=lambda t: t.decode_tok_s)
-        print(
-            f"{b:>5} | {ours.prefill_tok_s:>14.0f} {ref.prefill_tok_s:>11.0f} {ours.prefill_tok_s / ref.prefill_tok_s:>6.2f} | "
-            f"{ours.decode_tok_s:>13.0f} {ref.decode_tok_s:>10.0f} {ours.decode_tok_s / ref.decode_tok_s:>6.2f}"
-            f"  [{usage(before, snapshot()).cores_stolen:.2f} cores stolen]"
-        )
+    try:
+        compare(a, b, batches, args.prompt_len, args.new_tokens, args.repeats, base.model_config.vocab_size)
+    finally:
+        for e in closing:
+            e.close()
 
 
 if __name__ == "__main__":

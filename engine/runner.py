@@ -67,6 +67,7 @@ class ModelRunner:
         if shard.size > 1 and all_reduce is None:
             raise ValueError("a tensor-parallel rank needs an all-reduce")
         self.config, self.model_config, self.shard, self.device = config, mc, shard, device
+        self.all_reduce = all_reduce if shard.size > 1 else None
         self.dtype = DTYPES[mc.torch_dtype if config.dtype == "auto" else config.dtype]
         self.max_model_len = min(config.max_model_len or mc.derived_max_len, mc.derived_max_len)
         self.layout = kv_layout_for(config, mc)
@@ -104,13 +105,20 @@ class ModelRunner:
                 self.dense.drop_id(seq_id)
 
     def run(self, plan: StepPlan) -> ForwardOutput:
-        """One forward pass; a plan's dropped sequences leave the dense cache first."""
+        """One forward pass; a plan's dropped sequences leave the dense cache first. With tensor
+        parallelism it returns once every rank has finished the step, its KV writes included:
+        rank 0 then hands blocks to KV transfer (which reads or writes the other ranks' pools)
+        and frees blocks for reuse, so no rank may still be writing them."""
         self.drop(plan.dropped)
         if plan.kind == StepKind.PREFILL:
-            return self._prefill(plan)
-        if plan.kind == StepKind.DECODE:
-            return self._decode(plan)
-        raise ValueError(f"a model runner runs prefill and decode plans, not {plan.kind.name}")
+            out = self._prefill(plan)
+        elif plan.kind == StepKind.DECODE:
+            out = self._decode(plan)
+        else:
+            raise ValueError(f"a model runner runs prefill and decode plans, not {plan.kind.name}")
+        if self.all_reduce is not None:
+            self.all_reduce(torch.zeros(1, device=self.device))  # the end-of-step barrier
+        return out
 
     def _prefill(self, plan: StepPlan) -> ForwardOutput:
         bs = self.config.block_size

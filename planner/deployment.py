@@ -36,8 +36,8 @@ class ReplicaSpec:
             raise PlannerError(f"bad model name {self.name!r}")
         if not self.engine.model_dir:
             raise PlannerError(f"{self.name}: engine parameter model_dir is required")
-        if self.engine.device == "cpu" and self.engine.tp_size * self.engine.pp_size != 1:
-            raise PlannerError("CPU replicas run with tp_size = pp_size = 1")
+        if self.engine.pp_size != 1:
+            raise PlannerError(f"{self.name}: pipeline-parallel instances (pp_size > 1) do not run yet")
 
 
 @dataclass(frozen=True)
@@ -69,30 +69,35 @@ class Deployment:
         return (*self.prefill, *self.decode, *((self.colocated,) if self.colocated else ()))
 
 
-def default_deployment(model_dir: str, device: str = "cpu", num_blocks: int = 1024) -> Deployment:
-    """One prefill, one decode, one colocated and the orchestrator, with `num_blocks` KV blocks of
-    16 tokens each (a few MB for the tiny default model, 46 KB per token for SmolLM2-135M). On CUDA
-    everything shares GPU 0."""
-    ids: tuple[int, ...] = (0,) if device == "cuda" else ()
+def default_deployment(
+    model_dir: str, device: str = "cpu", num_blocks: int = 1024, prefill_tp: int = 1, decode_tp: int = 1
+) -> Deployment:
+    """One prefill (tensor-parallel over `prefill_tp` ranks), one decode (over `decode_tp`), one
+    colocated at TP 1 and the orchestrator, each with `num_blocks` KV blocks of 16 tokens (a few MB
+    for the tiny default model, 46 KB per token for SmolLM2-135M). On CUDA the instances' ranks
+    take GPUs 0, 1, ... (all instances from GPU 0 up); on CPU every rank is a process of its own."""
     transport = "cuda_ipc" if device == "cuda" else "shm"
     dtype = "float16" if device == "cuda" else "float32"
-
     # On CPU the model processes share the cores: one torch thread each avoids oversubscription.
     threads = 1 if device == "cpu" else None
 
-    engine = EngineParams(
-        model_dir,
-        device,
-        dtype,
-        num_blocks=num_blocks,
-        max_num_seqs=64,
-        num_threads=threads,
-        device_ids=ids,
-        kv_transport=transport,
-    )
+    def engine(tp: int) -> EngineParams:
+        ids = tuple(range(tp)) if device == "cuda" else ()
+        return EngineParams(
+            model_dir,
+            device,
+            dtype,
+            num_blocks=num_blocks,
+            max_num_seqs=64,
+            tp_size=tp,
+            num_threads=threads,
+            device_ids=ids,
+            kv_transport=transport,
+        )
+
     return Deployment(
-        prefill=(ReplicaSpec("prefill", "prefill", engine),),
-        decode=(ReplicaSpec("decode", "decode", engine),),
+        prefill=(ReplicaSpec("prefill", "prefill", engine(prefill_tp)),),
+        decode=(ReplicaSpec("decode", "decode", engine(decode_tp)),),
         orchestrator=OrchestratorParams(model_dir),
-        colocated=ReplicaSpec("colocated", "colocated", engine),
+        colocated=ReplicaSpec("colocated", "colocated", engine(1)),
     )

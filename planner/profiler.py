@@ -3,7 +3,7 @@
     python -m planner profile --model DIR --device cpu|cuda --out profile.json
 
 The output has the format of the published profiles (planner.profile), under the model's name and
-tp degree 1 (the engine runs one device per instance)."""
+the tensor-parallel degree measured (`--tp N`: the engine's TP=N instance, one process per rank)."""
 
 from __future__ import annotations
 
@@ -68,14 +68,12 @@ def _timer(device: str) -> Callable[[], float]:
 
 
 def measure(
-    model_dir: str, device: str, grid: ProfileGrid, num_threads: int | None = None
+    model_dir: str, device: str, grid: ProfileGrid, num_threads: int | None = None, tp: int = 1
 ) -> tuple[list[PrefillSample], list[DecodeSample]]:
     """Run the engine over the grid; times in milliseconds, the minimum of `repeats` runs (other load on
     the machine only ever adds time, so the minimum is the engine's own cost)."""
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
-    from engine.sampling import SamplingParams
-    from engine.sequence import Sequence
 
     spec = from_hf_config(model_dir)
     max_len = spec.max_position_embeddings
@@ -88,12 +86,22 @@ def measure(
         EngineConfig(
             model_dir=model_dir, device=device, block_size=bs, num_blocks=need + 8,
             max_num_batched_tokens=grid.max_batch_tokens, max_num_seqs=max(grid.decode_batch_sizes),
-            num_threads=num_threads,
+            num_threads=num_threads, tp_size=tp, device_ids=tuple(range(tp)) if device == "cuda" and tp > 1 else (),
         )
     )  # fmt: skip
+    try:
+        return _measure(eng, spec.vocab_size, max_len, grid, _timer(device))
+    finally:
+        eng.close()
+
+
+def _measure(
+    eng: Any, vocab: int, max_len: int, grid: ProfileGrid, clock: Callable[[], float]
+) -> tuple[list[PrefillSample], list[DecodeSample]]:
+    from engine.sampling import SamplingParams
+    from engine.sequence import Sequence
+
     rng = np.random.default_rng(grid.seed)
-    vocab = spec.vocab_size
-    clock = _timer(device)
 
     def seqs(batch: int, length: int, steps: int) -> list[Any]:
         return [
@@ -149,27 +157,27 @@ def measure(
 
 
 def build_profile(
-    name: str, pre: list[PrefillSample], dec: list[DecodeSample]
+    name: str, pre: list[PrefillSample], dec: list[DecodeSample], tp: int = 1
 ) -> tuple[Profile, FitError, FitError]:
     prefill, e_p = fit_prefill(pre)
     d, e_d = fit_decode(dec)
-    tp = TpProfile(prefill, d.decode_small, d.decode_large, d.threshold)
-    return Profile({name: {1: tp}}, source="profiler"), e_p, e_d
+    coefficients = TpProfile(prefill, d.decode_small, d.decode_large, d.threshold)
+    return Profile({name: {tp: coefficients}}, source="profiler"), e_p, e_d
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
     grid = ProfileGrid.quick() if a.quick else ProfileGrid(repeats=a.repeats)
     spec = from_hf_config(a.model)
     t0 = time.perf_counter()
-    pre, dec = measure(a.model, a.device, grid, a.num_threads)
-    prof, e_p, e_d = build_profile(a.name or spec.name, pre, dec)
+    pre, dec = measure(a.model, a.device, grid, a.num_threads, a.tp)
+    prof, e_p, e_d = build_profile(a.name or spec.name, pre, dec, a.tp)
     save_profile(prof, a.out)
     if a.samples:
         rows = [{"phase": "prefill", **s._asdict()} for s in pre] + [
             {"phase": "decode", **s._asdict()} for s in dec
         ]
         Path(a.samples).write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"profiled {a.model} on {a.device} in {time.perf_counter() - t0:.1f}s -> {a.out}")
+    print(f"profiled {a.model} on {a.device} at TP={a.tp} in {time.perf_counter() - t0:.1f}s -> {a.out}")
     print(f"  prefill fit: {e_p.samples} shapes, relative error mean {e_p.mean:.1%}, max {e_p.max:.1%}")
     print(f"  decode fit:  {e_d.samples} shapes, relative error mean {e_d.mean:.1%}, max {e_d.max:.1%}")
     print(json.dumps(prof.to_json(), indent=2))
@@ -184,6 +192,9 @@ def add_parser(sub: Any) -> None:
     ap.add_argument("--name", help="model name in the profile (default: from config.json or the folder)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-threads", type=int, default=1, help="torch threads on CPU (1 resists contention)")
+    ap.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel degree (processes on CPU, GPUs on CUDA)"
+    )
     ap.add_argument("--quick", action="store_true", help="a small grid (tests, smoke runs)")
     ap.add_argument("--samples", help="also write the raw measurements here (JSON)")
     ap.set_defaults(func=cmd_profile)

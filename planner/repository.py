@@ -2,9 +2,11 @@
 ModelConfig protobuf) and a thin 1/model.py importing the model class from backends.<role>.
 
     python -m planner.repository --out model_repository [--model-dir models/tiny-llama] [--device cpu]
+        [--prefill-tp N] [--decode-tp N] [--num-blocks N]
 
-writes the default deployment (what `make serve` runs). Output is deterministic: the same
-deployment always gives byte-identical files."""
+writes the default deployment (what `make serve` runs): one prefill, one decode (each with its own
+tensor-parallel degree), a colocated model at TP 1 and the orchestrator. Output is deterministic:
+the same deployment always gives byte-identical files."""
 
 from __future__ import annotations
 
@@ -118,9 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--num-blocks", type=int, default=1024, help="KV blocks (16 tokens) per engine instance")
+    ap.add_argument(
+        "--prefill-tp", type=int, default=1, help="tensor-parallel degree of the prefill instance"
+    )
+    ap.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of the decode instance")
     args = ap.parse_args(argv)
     try:
-        dep = default_deployment(relative_model_dir(args.model_dir, args.out), args.device, args.num_blocks)
+        model_dir = relative_model_dir(args.model_dir, args.out)
+        dep = default_deployment(model_dir, args.device, args.num_blocks, args.prefill_tp, args.decode_tp)
         names = write_repository(dep, args.out)
     except (PlannerError, ParameterError) as exc:
         print(f"error: {exc}", file=sys.stderr)

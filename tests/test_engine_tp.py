@@ -118,3 +118,22 @@ def test_close_stops_every_worker(tiny_model_dir: Path) -> None:
     assert not any(_alive(p) for p in pids)
     with pytest.raises(EngineDeadError, match="shut down"):
         engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (one per rank)")
+def test_tp2_on_cuda_nccl_equals_tp1(tiny_model_dir: Path) -> None:
+    """The same engine on two GPUs (NCCL all-reduce) gives TP=1's greedy tokens."""
+    prompts = [[1, 5, 9, 30], [1, *range(40, 61)]]
+    outputs = []
+    for tp, ids in ((1, ()), (2, (0, 1))):
+        config = EngineConfig(
+            model_dir=str(tiny_model_dir), device="cuda:0" if tp == 1 else "cuda", dtype="float32",
+            num_blocks=64, tp_size=tp, device_ids=ids, decode_attention="paged",
+        )  # fmt: skip
+        engine = LLMEngine(config)
+        try:
+            outputs.append([s.output_ids for s in engine.generate(prompts, SamplingParams(max_tokens=16))])
+        finally:
+            engine.close()
+    assert outputs[0] == outputs[1]

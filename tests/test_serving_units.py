@@ -202,8 +202,9 @@ def test_engine_config_from_parameters(tiny_model_dir: Path) -> None:
         engine_config({"model_dir": tiny_model_dir.name, "num_blocks": "many"}, root)
     with pytest.raises(ValueError, match=r"no config\.json"):
         engine_config({"model_dir": "nowhere"}, root)
-    with pytest.raises(ValueError, match="tp_size = 2: the built-in engine runs one device per replica"):
-        engine_config({"model_dir": tiny_model_dir.name, "tp_size": "2"}, root)
+    assert engine_config({"model_dir": tiny_model_dir.name, "tp_size": "2"}, root).tp_size == 2
+    with pytest.raises(ValueError, match="pp_size = 2: the built-in engine does not run pipeline-parallel"):
+        engine_config({"model_dir": tiny_model_dir.name, "pp_size": "2"}, root)
     assert cfg.decode_attention == "auto"
     paged = engine_config({"model_dir": tiny_model_dir.name, "decode_attention": "paged"}, root)
     assert paged.decode_attention == "paged"
@@ -237,3 +238,13 @@ def test_metric_catalog_declares_each_family_once() -> None:
         assert (m.kind == "histogram") == bool(m.buckets), m.name
         assert (m.kind == "counter") == m.name.endswith("_total"), m.name
         assert list(m.buckets) == sorted(m.buckets)
+
+
+def test_cuda_tensor_parallel_kv_pools_are_refused_by_name(tiny_model_dir: Path) -> None:
+    from backends.common.params import ParameterError
+    from backends.common.pools import RankPools
+
+    config = EngineConfig(model_dir=str(tiny_model_dir), device="cuda", tp_size=2, device_ids=(0, 1))
+    with pytest.raises(ParameterError, match="CUDA instance with tp_size 2 is not supported yet"):
+        RankPools(config, shared=True)
+    assert RankPools(config, shared=False).pools is None  # colocated: each rank allocates its own

@@ -55,6 +55,8 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request)
             try:
+                if self.engine.dead is not None:
+                    raise RequestError(f"colocated instance out of service: {self.engine.dead}")
                 req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
                 seq = self.engine.new_sequence(
                     req.prompt_ids_with(self.tokenizer), req.params, request.request_id()
@@ -70,4 +72,5 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.worker.stop()
         self.outbox.close()  # after the worker has ended every request: their final responses
+        self.engine.close()
         self.metric_registry.close()

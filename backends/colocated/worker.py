@@ -33,6 +33,10 @@ class ColocatedWorker(WorkerLoop[tuple[Sequence, ClientStream]]):
         for seq, stream in self.take_new():
             self._streams[seq] = stream
             self.engine.add(seq)
+        if self.engine.dead is not None:
+            self._end_all(f"colocated instance out of service: {self.engine.dead}")
+            self.idle(0.2)
+            return
         self._drop_cancelled()
         result = self.engine.step()
         if result.kind == "idle":
@@ -49,8 +53,8 @@ class ColocatedWorker(WorkerLoop[tuple[Sequence, ClientStream]]):
                     self.engine.abort(seq)
         self._update_gauges()
 
-    def on_failure(self) -> None:
-        self._end_all("internal error in the colocated engine loop")
+    def on_failure(self, exc: Exception) -> None:
+        self._end_all(f"colocated step failed: {exc}")
 
     def shutdown(self) -> None:
         for seq, stream in self.take_new():

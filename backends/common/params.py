@@ -142,13 +142,17 @@ class EngineParams(ParamGroup):
 
     def engine_config(self, repository_root: str | Path) -> EngineConfig:
         """The EngineConfig of this instance (model_dir resolved against the repository)."""
-        for name in ("tp_size", "pp_size"):
-            if getattr(self, name) != 1:
-                raise ParameterError(
-                    f"parameter {name} = {getattr(self, name)}: the built-in engine runs one device per replica; "
-                    "tensor/pipeline-parallel replicas need an engine that supports them (e.g. TensorRT-LLM)"
-                )
-        device = f"cuda:{self.device_ids[0]}" if self.device == "cuda" else "cpu"
+        if self.pp_size != 1:
+            raise ParameterError(
+                f"parameter pp_size = {self.pp_size}: the built-in engine does not run pipeline-parallel "
+                "instances yet (tensor parallelism, tp_size, it does)"
+            )
+        if self.device == "cuda" and len(self.device_ids) != self.tp_size:
+            raise ParameterError(
+                f"device_ids {self.device_ids} must name one GPU per rank (tp_size {self.tp_size})"
+            )
+        tp_ids = self.device_ids if self.tp_size > 1 else ()
+        device = f"cuda:{self.device_ids[0]}" if self.device == "cuda" and not tp_ids else self.device
         return EngineConfig(
             model_dir=resolve_model_dir(self.model_dir, repository_root),
             device=device,
@@ -160,6 +164,8 @@ class EngineParams(ParamGroup):
             max_model_len=self.max_model_len,
             num_threads=self.num_threads,
             decode_attention=self.decode_attention,
+            tp_size=self.tp_size,
+            device_ids=tp_ids,
         )
 
 

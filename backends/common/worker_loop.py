@@ -3,7 +3,8 @@
 Contract: ``submit()`` may be called from any thread; everything else of a worker runs on its own
 thread, which calls ``iterate()`` until ``stop()``, then ``shutdown()``. An exception in one
 iteration is logged and handed to ``on_failure()`` (which must end the requests it affected), and
-the loop goes on: one bad batch must not kill every stream of the instance.
+the loop goes on: one bad batch must not kill every stream of the instance. An engine that died
+(engine.dead, a tensor-parallel rank gone) ends every request it holds; the model refuses new ones.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ class WorkerLoop(ABC, Generic[T]):
         while not self._stop.is_set():
             try:
                 self.iterate()
-            except Exception:
+            except Exception as exc:
                 log.exception("%s iteration failed", self._thread.name)
-                self.on_failure()
+                self.on_failure(exc)
         self.shutdown()
 
     @abstractmethod
@@ -68,8 +69,8 @@ class WorkerLoop(ABC, Generic[T]):
         """One pass: take new work, run at most one engine step, send responses."""
 
     @abstractmethod
-    def on_failure(self) -> None:
-        """Ends (with an error) the requests an iteration that raised may have left half-done."""
+    def on_failure(self, exc: Exception) -> None:
+        """Ends (with an error) the requests an iteration that raised `exc` may have left half-done."""
 
     @abstractmethod
     def shutdown(self) -> None:

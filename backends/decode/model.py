@@ -15,6 +15,7 @@ from typing import Any
 from backends.common import metrics as M
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
+from backends.common.pools import RankPools
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
 from backends.message import ABORT, DecodeCancel, DecodeChunk, DecodeRequest, read_decode_input
@@ -24,8 +25,8 @@ from engine.errors import RequestError
 from engine.sequence import Sequence
 from kv_transfer.config import ReceiverConfig
 from kv_transfer.errors import KVHandleError
-from kv_transfer.factory import create_receiver
 from kv_transfer.handle import KVHandle
+from kv_transfer.instance import InstanceReceiver
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ class TritonPythonModel:
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
         engine_config = params.engine_config(root)
-        self.engine = LLMEngine(engine_config)
-        self.receiver = create_receiver(params.kv_transport, self.engine.pool, ReceiverConfig())
+        # With tensor parallelism rank 0 pulls every rank's KV heads: the pools are shared with it.
+        self.pools = RankPools(engine_config, shared=engine_config.tp_size > 1)
+        self.engine = LLMEngine(engine_config, self.pools.pools)
+        self.receiver = InstanceReceiver(
+            params.kv_transport, self.pools.pools or [self.engine.pool], ReceiverConfig()
+        )
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
         # Tokens go out from the outbox's thread: the decode loop never waits on a send.
@@ -66,6 +71,8 @@ class TritonPythonModel:
             sink = TritonSink(request, inband_errors=True)
             try:
                 message = read_decode_input(read_inputs(request, DECODE_INPUTS))
+                if self.engine.dead is not None and isinstance(message, DecodeRequest):
+                    raise RequestError(f"decode instance out of service: {self.engine.dead}")
                 if isinstance(message, DecodeCancel):
                     self.worker.cancel(message.request_id)
                     sink.send(DecodeChunk(finish_reason=ABORT), final=True)
@@ -88,4 +95,6 @@ class TritonPythonModel:
         self.worker.stop()
         self.outbox.close()  # after the worker has ended every request: their final responses
         self.receiver.close()
+        self.engine.close()
+        self.pools.close()
         self.metric_registry.close()

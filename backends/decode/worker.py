@@ -27,8 +27,8 @@ from backends.message import ABORT, DecodeChunk
 from engine.engine import LLMEngine
 from engine.scheduler import fits
 from engine.sequence import Sequence, Status
-from kv_transfer.base import KVReceiver
 from kv_transfer.handle import KVHandle
+from kv_transfer.instance import InstanceReceiver
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
     def __init__(
         self,
         engine: LLMEngine,
-        receiver: KVReceiver,
+        receiver: InstanceReceiver,
         metrics: DecodeMetrics | None = None,
         transfer_threads: int = 4,
         heartbeat_s: float = 1.0,
@@ -78,6 +78,7 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
         self._arrived: queue.SimpleQueue[tuple[DecodeJob, BaseException | None]] = queue.SimpleQueue()
         self._running: dict[Sequence, DecodeJob] = {}
         self._transfers = ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-pull")
+        self._failed: str | None = None  # every job ends with this error (the engine died)
         self._update_gauges()
         self.start()
 
@@ -95,6 +96,10 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
 
     def iterate(self) -> None:
         self._take_new()
+        if self.engine.dead is not None:
+            self._fail_all(f"decode instance out of service: {self.engine.dead}")
+            self.idle(0.2)
+            return
         self._drop_cancelled()
         self._admit()
         self._collect_transfers()
@@ -104,8 +109,8 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
         else:
             self.idle(0.05)
 
-    def on_failure(self) -> None:
-        self._fail_running("internal error in the decode loop")
+    def on_failure(self, exc: Exception) -> None:
+        self._fail_running(f"decode step failed: {exc}")
 
     def _take_new(self) -> None:
         for job in self.take_new():
@@ -183,7 +188,10 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
             except queue.Empty:
                 return
             self._transferring.discard(job)
-            if exc is not None:
+            if self._failed is not None:
+                self.engine.free(job.seq)
+                self._end(job, error=self._failed)
+            elif exc is not None:
                 self.metrics.kv_transfer_failures.increment(1)
                 self.engine.free(job.seq)
                 self._end(job, error=f"KV transfer failed: {exc}")
@@ -225,11 +233,18 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
 
     def shutdown(self) -> None:
         self._take_new()
+        self._fail_all("decode instance is shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        """Ends every job with `message`: waiting ones release their KV lease; transfers in flight
+        end with it when they finish (_collect_transfers)."""
+        self._failed = message
         for job in self._pending:
             self._release_remote(job)
-            self._end(job, error="decode instance is shutting down")
+            self._end(job, error=message)
         self._pending.clear()
-        self._fail_running("decode instance is shutting down")
+        self._fail_running(message)
+        self._collect_transfers()
 
     def _update_gauges(self) -> None:
         self.metrics.running.set(len(self._running))

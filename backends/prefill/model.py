@@ -8,21 +8,18 @@ request) and finish_reason. The KV stays in this instance's pool under lease unt
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from typing import Any
 
 from backends.common import metrics as M
 from backends.common.params import EngineParams, model_parameters
+from backends.common.pools import RankPools
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.message import PrefillRequest
 from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
-from backends.process_group import kv_segment_prefix
-from engine.engine import LLMEngine, kv_layout_for
+from engine.engine import LLMEngine
 from engine.errors import RequestError
-from engine.shm_pool import ShmKVPool
 from kv_transfer.config import SenderConfig
-from kv_transfer.factory import create_sender
+from kv_transfer.instance import InstanceSender
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +29,13 @@ class TritonPythonModel:
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
         engine_config = params.engine_config(root)
-        # shm: the pool lives in a named segment that decode instances map read-only.
-        self.pool = None
-        if params.kv_transport == "shm":
-            # Named after the server's process group, so the launcher can remove it if this
-            # process is killed before finalize() unlinks it.
-            name = kv_segment_prefix(os.getpgrp()) + secrets.token_hex(6)
-            self.pool = ShmKVPool.create(kv_layout_for(engine_config), engine_config.num_blocks, name)
-        self.engine = LLMEngine(engine_config, self.pool)
-        self.sender = create_sender(
+        # shm: the pools live in named segments that decode instances map read-only; with tensor
+        # parallelism rank 0 leases every rank's pool, so they are shared with it too.
+        self.pools = RankPools(engine_config, params.kv_transport == "shm" or engine_config.tp_size > 1)
+        self.engine = LLMEngine(engine_config, self.pools.pools)
+        self.sender = InstanceSender(
             params.kv_transport,
-            self.engine.pool,
+            self.pools.pools or [self.engine.pool],
             self.engine.blocks,
             SenderConfig(port=params.kv_port, lease_ttl_s=params.kv_lease_seconds),
         )
@@ -76,6 +69,8 @@ class TritonPythonModel:
         for request in requests:
             sink = TritonSink(request, inband_errors=True)
             try:
+                if self.engine.dead is not None:
+                    raise RequestError(f"prefill instance out of service: {self.engine.dead}")
                 req = PrefillRequest.from_tensors(read_inputs(request, PrefillRequest.SPECS))
                 seq = self.engine.new_sequence(
                     list(req.input_ids), req.sampling_params(), request.request_id()
@@ -89,6 +84,6 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.worker.stop()
         self.sender.close()
-        if self.pool is not None:
-            self.pool.close()
+        self.engine.close()
+        self.pools.close()
         self.metric_registry.close()

@@ -22,7 +22,7 @@ from backends.common.worker_loop import WorkerLoop
 from backends.message import PrefillResult
 from engine.engine import LLMEngine
 from engine.sequence import Sequence
-from kv_transfer.base import KVSender
+from kv_transfer.instance import InstanceSender
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ class PrefillMetrics(NamedTuple):
 
 
 class PrefillWorker(WorkerLoop[PrefillJob]):
-    def __init__(self, engine: LLMEngine, sender: KVSender, metrics: PrefillMetrics | None = None) -> None:
+    def __init__(
+        self, engine: LLMEngine, sender: InstanceSender, metrics: PrefillMetrics | None = None
+    ) -> None:
         super().__init__("prefill-loop")
         self.engine = engine
         self.sender = sender
@@ -55,6 +57,10 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
 
     def iterate(self) -> None:
         self._waiting.extend(self.take_new())
+        if self.engine.dead is not None:
+            self._fail_waiting(f"prefill instance out of service: {self.engine.dead}")
+            self.idle(0.2)
+            return
         for job in [j for j in self._waiting if j.sink.is_cancelled()]:
             self._waiting.remove(job)
             self.metrics.cancelled.increment(1)
@@ -66,13 +72,16 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
             # Nothing fits yet: wait for a request, or for leases to free blocks.
             self.idle(0.02 if self._waiting else 0.2)
 
-    def on_failure(self) -> None:
+    def on_failure(self, exc: Exception) -> None:
         pass  # _run_batch ends its own jobs on failure; waiting jobs are untouched
 
     def shutdown(self) -> None:
         self._waiting.extend(self.take_new())
+        self._fail_waiting("prefill instance is shutting down")
+
+    def _fail_waiting(self, message: str) -> None:
         for job in self._waiting:
-            job.sink.error("prefill instance is shutting down")
+            job.sink.error(message)
         self._waiting.clear()
 
     def _next_batch(self) -> list[PrefillJob]:
@@ -127,4 +136,4 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
     def _update_gauges(self) -> None:
         self.metrics.waiting.set(len(self._waiting))
         self.metrics.free_blocks.set(self.engine.blocks.num_free)
-        self.metrics.active_leases.set(self.sender.counters.snapshot().active_leases)
+        self.metrics.active_leases.set(self.sender.active_leases())

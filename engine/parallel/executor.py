@@ -93,7 +93,7 @@ class TensorParallelExecutor:
                 write_plan(proc.stdin, plan)
             return self.runner.run(plan)
         except (OSError, RuntimeError) as exc:  # a broken pipe, or a collective that lost a peer
-            self._fail(f"tensor-parallel step failed: {exc}")
+            self._fail(self._exited(wait_s=2.0) or f"tensor-parallel step failed: {exc}")
             raise EngineDeadError(self._dead or str(exc)) from exc
 
     def close(self, timeout_s: float = 10.0) -> None:
@@ -146,13 +146,22 @@ class TensorParallelExecutor:
 
     def _watch(self) -> None:
         while self._dead is None:
+            exited = self._exited()
+            if exited is not None:
+                self._fail(exited)
+                return
+            time.sleep(POLL_S)
+
+    def _exited(self, wait_s: float = 0.0) -> str | None:
+        """Names the first worker that exited (waiting up to `wait_s` for one to), or None."""
+        deadline = time.monotonic() + wait_s
+        while True:
             for rank, proc in enumerate(self._workers, start=1):
                 if proc.poll() is not None:
-                    self._fail(
-                        f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.returncode}"
-                    )
-                    return
-            time.sleep(POLL_S)
+                    return f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.returncode}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(POLL_S / 4)
 
     def _fail(self, reason: str) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -77,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool", default="", help="shared-memory segment of this rank's KV pool")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Rank 0 stops this process (STOP, or its pipe closing); a Ctrl-C or the server's SIGINT to
+    # the whole process group must not kill it in the middle of a step before rank 0 knows.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(args.rank, args.size, args.store_port, config_from_json(args.config), args.pool or None)
     return 0
 

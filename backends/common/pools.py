@@ -1,0 +1,47 @@
+"""The KV pools of an instance's ranks, where rank 0 can reach them all.
+
+Rank 0 moves KV in and out of every rank's pool (kv_transfer.instance), and the shm transport
+reads a prefill pool from the decode process: such pools live in shared memory, created by rank 0
+and attached by the worker ranks. Their names start with the server's process-group prefix, so
+the launcher removes them even when this process was killed before close().
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from backends.common.params import ParameterError
+from backends.process_group import kv_segment_prefix
+from engine.config import EngineConfig
+from engine.kv_cache import KVPool
+from engine.runner import kv_layout_for
+from engine.shm_pool import ShmKVPool
+
+
+class RankPools:
+    """The pools of every rank (None: each rank allocates its own, unreachable by rank 0)."""
+
+    def __init__(self, config: EngineConfig, shared: bool) -> None:
+        self.pools: list[KVPool] | None = None
+        if not shared:
+            return
+        if config.device != "cpu":
+            raise ParameterError(
+                f"KV transfer for a CUDA instance with tp_size {config.tp_size} is not supported yet: "
+                "its ranks' pools would have to be exported over CUDA IPC (CPU instances share memory)"
+            )
+        layout, prefix = kv_layout_for(config), kv_segment_prefix(os.getpgrp())
+        self.pools = []
+        try:
+            for _ in range(config.tp_size):
+                self.pools.append(ShmKVPool.create(layout, config.num_blocks, prefix + secrets.token_hex(6)))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Unlinks the segments (after the engine's workers have stopped)."""
+        for pool in self.pools or []:
+            if isinstance(pool, ShmKVPool):
+                pool.close()
