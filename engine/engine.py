@@ -58,7 +58,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, pools: KVPool | list[KVPool] | None = None) -> None:
         """`pools`: the KV pool of each tensor-parallel rank (one KVPool when tp_size is 1);
         allocated by the engine when None. With tp_size > 1 the pools of ranks 1.. must be in
-        shared memory (engine.shm_pool), for the workers to attach."""
+        shared memory or on their rank's GPU, for the workers to open (engine.parallel.pools)."""
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model_dir)
         if config.num_threads is not None and config.device == "cpu":

@@ -1,8 +1,7 @@
 """cuda_ipc transport: same node, GPU. Decode copies blocks device-to-device out of the prefill pool.
 
-The prefill pool is exported once per sender (``export`` op: the CUDA IPC memory handle of the pool's
-storage from ``UntypedStorage._share_cuda_``, the same mechanism torch.multiprocessing uses, sent as
-base64 fields in JSON, never pickled). Decode opens it once per sender instance and keeps the mapping.
+The prefill pool is exported once per sender (``export`` op: engine.cuda_ipc_pool's description of
+the pool's CUDA IPC memory handle, base64 fields in JSON, never pickled). Decode opens it once per sender instance and keeps the mapping.
 A pull then names block ids only: decode checks the lease ("begin"), gathers the blocks into its own
 pool with batched copies (one strided copy per run of consecutive ids on both sides when the runs are
 few, otherwise one index_select + index_copy per layer, never a copy per block per layer), synchronizes
@@ -12,15 +11,14 @@ processes must see the GPUs in the same order (same CUDA_VISIBLE_DEVICES).
 
 from __future__ import annotations
 
-import base64
 import socket
 import threading
-from typing import Any
 
 import torch
 
 from engine.block_manager import BlockManager
-from engine.kv_cache import KVPool, dtype_name
+from engine.cuda_ipc_pool import IpcError, export_pool, import_pool
+from engine.kv_cache import KVPool
 from kv_transfer.base import KVReceiver, KVSender, ProgressFn
 from kv_transfer.blockcopy import matched_runs, planes_u8
 from kv_transfer.config import ReceiverConfig, SenderConfig
@@ -35,10 +33,6 @@ def _require_cuda(pool: KVPool, side: str) -> None:
         raise ValueError(f"the cuda_ipc {side} needs a pool on a CUDA device, got {pool.device}")
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 class CudaIpcSender(KVSender):
     transport = "cuda_ipc"
 
@@ -51,74 +45,7 @@ class CudaIpcSender(KVSender):
 
     def _op_export(self, request: Header, conn: socket.socket) -> Header:
         self._check_instance(request)
-        t = self.pool.tensor
-        # A fresh share per request: each one gets its own slot in torch's producer-side reference
-        # counter, which the importing process releases when it drops the mapping.
-        dev, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = (
-            t.untyped_storage()._share_cuda_()
-        )
-        return {
-            "ok": True,
-            "device": int(dev),
-            "handle": _b64(handle),
-            "storage_size": int(size),
-            "storage_offset_bytes": int(offset),
-            "ref_counter_handle": _b64(rc_handle),
-            "ref_counter_offset": int(rc_offset),
-            # passed back exactly as torch returned it (bytes, or None)
-            "event_handle": None if ev_handle is None else _b64(ev_handle),
-            "event_sync_required": bool(ev_sync),
-            "tensor_offset": int(t.storage_offset()),
-            "shape": list(t.shape),
-            "dtype": self.pool.layout.dtype,
-        }
-
-
-def import_pool(export: Header, expected_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Opens an exported pool as a tensor of this process (validated against the handle's layout)."""
-    try:
-        fields: dict[str, Any] = {
-            "device": int(export["device"]),
-            "handle": base64.b64decode(export["handle"], validate=True),
-            "size": int(export["storage_size"]),
-            "offset": int(export["storage_offset_bytes"]),
-            "rc_handle": base64.b64decode(export["ref_counter_handle"], validate=True),
-            "rc_offset": int(export["ref_counter_offset"]),
-            "ev_handle": None
-            if export["event_handle"] is None
-            else base64.b64decode(export["event_handle"], validate=True),
-            "ev_sync": bool(export["event_sync_required"]),
-            "tensor_offset": int(export["tensor_offset"]),
-        }
-        shape = tuple(int(x) for x in export["shape"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KVProtocolError(f"malformed cuda_ipc export: {exc!r}") from None
-    if export.get("dtype") != dtype_name(dtype):
-        raise KVProtocolError(f"exported pool dtype {export.get('dtype')!r} does not match the handle's")
-    if shape != expected_shape:
-        raise KVProtocolError(f"exported pool shape {shape} does not match the handle's {expected_shape}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    numel = 1
-    for d in shape:
-        numel *= d
-    if (fields["tensor_offset"] + numel) * itemsize > fields["size"]:
-        raise KVProtocolError("exported storage is smaller than the pool it claims to hold")
-    torch.cuda.init()
-    storage = torch.UntypedStorage._new_shared_cuda(
-        fields["device"],
-        fields["handle"],
-        fields["size"],
-        fields["offset"],
-        fields["rc_handle"],
-        fields["rc_offset"],
-        fields["ev_handle"],
-        fields["ev_sync"],
-    )
-    # The same reconstruction torch.multiprocessing uses for CUDA tensors received from another process.
-    stride = torch.empty(shape, dtype=dtype, device="meta").stride()
-    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
-    tensor = torch._utils._rebuild_tensor(typed, fields["tensor_offset"], shape, stride)
-    return tensor
+        return {"ok": True, **export_pool(self.pool)}
 
 
 def copy_blocks_cuda(
@@ -159,7 +86,10 @@ class CudaIpcReceiver(KVReceiver):
             if src is None:
                 layout = handle.shard_layout
                 export = self._request(shard, "export")
-                src = import_pool(export, layout.pool_shape(shard.pool_blocks), layout.torch_dtype)
+                try:
+                    src = import_pool(export, layout.pool_shape(shard.pool_blocks), layout.torch_dtype)
+                except IpcError as exc:
+                    raise KVProtocolError(f"cuda_ipc export: {exc}") from None
                 self._imported[key] = src
             return src
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 from serving import client_inputs, metric_values, metrics, set_parameter, stream_many, stub_pids
 from tritonserver_fixture import start_tritonserver
@@ -169,3 +170,24 @@ def test_stopping_the_server_leaves_no_worker_and_no_segment(
         server.stop()
     assert not any(alive(p) for p in workers)
     assert kv_segments(pgid) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (one per rank)")
+def test_cuda_prefill_tp2_to_decode_tp1_equals_colocated(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """On CUDA: NCCL between the ranks, each rank's pool on its GPU (opened over CUDA IPC),
+    cuda_ipc KV transfer pulling each decode rank's heads."""
+    work = tmp_path_factory.mktemp("cudatp")
+    dep = default_deployment(str(tiny_model_dir.resolve()), "cuda", NUM_BLOCKS, prefill_tp=2, decode_tp=1)
+    write_repository(dep, work / "repo")
+    server = start_tritonserver(work / "repo", work)
+    try:
+        requests = [client_inputs(f"Request {i} on the GPU", 12) for i in range(8)]
+        disagg = stream_many(server.grpc_url, "orchestrator", requests)
+        coloc = stream_many(server.grpc_url, "colocated", requests)
+        assert [r.error for r in disagg] == [None] * 8
+        assert [r.output_ids for r in disagg] == [r.output_ids for r in coloc]
+    finally:
+        server.stop()

@@ -72,6 +72,25 @@ def test_tp_equals_tp1(
     assert worst < LOGIT_ATOL, f"TP={tp} logits differ from TP=1 by up to {worst:.2e}"
 
 
+def test_worker_ranks_open_the_pool_rank_0_made() -> None:
+    from engine.kv_cache import KVLayout, KVPool
+    from engine.parallel.pools import attach, describe
+    from engine.shm_pool import ShmKVPool
+
+    layout = KVLayout(2, 2, 8, 4, "float32")
+    made = ShmKVPool.create(layout, 6)
+    try:
+        opened = attach(describe(made), layout, 6)
+        assert isinstance(opened, KVPool)
+        opened.tensor[1, 0, 5].fill_(3.0)  # a worker's write is rank 0's to read
+        assert float(made.tensor[1, 0, 5].sum()) == 3.0 * 4 * 2 * 8
+        assert attach(describe(None), layout, 6) is None
+        with pytest.raises(ValueError, match="shared memory or on a CUDA device"):
+            describe(KVPool.allocate(layout, 6))
+    finally:
+        made.close()
+
+
 def test_sharding_refuses_what_does_not_divide(random_checkpoints: dict[str, Path]) -> None:
     config = ModelConfig.from_dir(random_checkpoints["qwen2"])  # 4 heads, 2 KV heads
     shard = TPShard.of(config, 1, 2)

@@ -127,7 +127,7 @@ def test_batched_device_copy_logic(scattered: bool, heads: str) -> None:
 
 
 def test_malformed_cuda_ipc_exports_are_refused_before_opening() -> None:
-    from kv_transfer.cuda_ipc import import_pool
+    from engine.cuda_ipc_pool import IpcError, import_pool
 
     good = {
         "ok": True,
@@ -151,9 +151,9 @@ def test_malformed_cuda_ipc_exports_are_refused_before_opening() -> None:
         ({"shape": [1, 2, 5, 4, 2, 8]}, "does not match"),
         ({"dtype": "float32"}, "dtype"),
     ):
-        with pytest.raises(KVProtocolError, match=message):
+        with pytest.raises(IpcError, match=message):
             import_pool({**good, **bad}, shape, torch.float16)
     reduced = dict(good)
     del reduced["tensor_offset"]
-    with pytest.raises(KVProtocolError, match="malformed"):
+    with pytest.raises(IpcError, match="malformed"):
         import_pool(reduced, shape, torch.float16)

@@ -238,13 +238,3 @@ def test_metric_catalog_declares_each_family_once() -> None:
         assert (m.kind == "histogram") == bool(m.buckets), m.name
         assert (m.kind == "counter") == m.name.endswith("_total"), m.name
         assert list(m.buckets) == sorted(m.buckets)
-
-
-def test_cuda_tensor_parallel_kv_pools_are_refused_by_name(tiny_model_dir: Path) -> None:
-    from backends.common.params import ParameterError
-    from backends.common.pools import RankPools
-
-    config = EngineConfig(model_dir=str(tiny_model_dir), device="cuda", tp_size=2, device_ids=(0, 1))
-    with pytest.raises(ParameterError, match="CUDA instance with tp_size 2 is not supported yet"):
-        RankPools(config, shared=True)
-    assert RankPools(config, shared=False).pools is None  # colocated: each rank allocates its own

@@ -1,9 +1,10 @@
 """The KV pools of an instance's ranks, where rank 0 can reach them all.
 
 Rank 0 moves KV in and out of every rank's pool (kv_transfer.instance), and the shm transport
-reads a prefill pool from the decode process: such pools live in shared memory, created by rank 0
-and attached by the worker ranks. Their names start with the server's process-group prefix, so
-the launcher removes them even when this process was killed before close().
+reads a prefill pool from the decode process. On CPU such pools live in shared memory, created by
+rank 0 and attached by the worker ranks; their names start with the server's process-group
+prefix, so the launcher removes them even when this process was killed before close(). On CUDA
+rank 0 allocates each rank's pool on that rank's GPU and the worker opens it over CUDA IPC.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 
-from backends.common.params import ParameterError
 from backends.process_group import kv_segment_prefix
 from engine.config import EngineConfig
 from engine.kv_cache import KVPool
@@ -26,16 +26,16 @@ class RankPools:
         self.pools: list[KVPool] | None = None
         if not shared:
             return
-        if config.device != "cpu":
-            raise ParameterError(
-                f"KV transfer for a CUDA instance with tp_size {config.tp_size} is not supported yet: "
-                "its ranks' pools would have to be exported over CUDA IPC (CPU instances share memory)"
-            )
         layout, prefix = kv_layout_for(config), kv_segment_prefix(os.getpgrp())
         self.pools = []
         try:
-            for _ in range(config.tp_size):
-                self.pools.append(ShmKVPool.create(layout, config.num_blocks, prefix + secrets.token_hex(6)))
+            for rank in range(config.tp_size):
+                if config.device == "cpu":
+                    self.pools.append(
+                        ShmKVPool.create(layout, config.num_blocks, prefix + secrets.token_hex(6))
+                    )
+                else:  # on the rank's GPU; the worker rank opens it over CUDA IPC
+                    self.pools.append(KVPool.allocate(layout, config.num_blocks, config.rank_device(rank)))
         except BaseException:
             self.close()
             raise

@@ -28,10 +28,10 @@ from engine.errors import EngineDeadError
 from engine.kv_cache import KVPool
 from engine.parallel.channel import write_plan
 from engine.parallel.group import LOCALHOST, GroupReduce, compute_group, rendezvous
+from engine.parallel.pools import describe
 from engine.parallel.worker import config_to_json, ready_key
 from engine.runner import ForwardOutput, ModelRunner
 from engine.sharding import TPShard
-from engine.shm_pool import ShmKVPool
 from engine.step_plan import StepKind, StepPlan
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,13 @@ def _free_port() -> int:
 
 class TensorParallelExecutor:
     """Runs step plans on all `config.tp_size` ranks. `pools`: every rank's KV pool, made by the
-    caller in shared memory (ShmKVPool) so that rank 0 can reach them all, or None (each rank
-    allocates its own)."""
+    caller so that rank 0 can reach them all (shared memory on CPU, rank r's GPU on CUDA; see
+    engine.parallel.pools), or None (each rank allocates its own)."""
 
     def __init__(self, config: EngineConfig, pools: Sequence[KVPool] | None = None) -> None:
         size = config.tp_size
-        if pools is not None and (len(pools) != size or not all(isinstance(p, ShmKVPool) for p in pools[1:])):
-            raise ValueError(
-                f"a tensor-parallel engine needs {size} pools, those of ranks 1.. in shared memory"
-            )
+        if pools is not None and len(pools) != size:
+            raise ValueError(f"a tensor-parallel engine of {size} ranks needs {size} pools, got {len(pools)}")
         self.config = config
         self._dead: str | None = None
         self._lock = threading.Lock()
@@ -119,11 +117,10 @@ class TensorParallelExecutor:
     # ---- internals -------------------------------------------------------------------------
 
     def _spawn(self, rank: int, port: int, pools: Sequence[KVPool] | None) -> subprocess.Popen[bytes]:
-        pool = pools[rank] if pools is not None else None
-        segment = pool.segment_name if isinstance(pool, ShmKVPool) else ""
+        pool = describe(pools[rank] if pools is not None else None)
         cmd = [
             _python(), "-m", "engine.parallel.worker", "--rank", str(rank), "--size", str(self.config.tp_size),
-            "--store-port", str(port), "--config", config_to_json(self.config), "--pool", segment,
+            "--store-port", str(port), "--config", config_to_json(self.config), "--pool", pool,
         ]  # fmt: skip
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, env=_worker_env())
 

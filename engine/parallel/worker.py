@@ -1,6 +1,6 @@
 """A worker rank of a tensor-parallel engine: a process that rank 0 starts and supervises.
 
-    python -m engine.parallel.worker --rank R --size N --store-port P --config JSON [--pool SEGMENT]
+    python -m engine.parallel.worker --rank R --size N --store-port P --config JSON [--pool DESCRIPTION]
 
 It loads its shard of the weights, attaches the KV pool rank 0 made for it (or allocates its own),
 says it is ready in the rendezvous store, joins the group, then runs every plan it reads from
@@ -26,6 +26,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.parallel.channel import read_plan
 from engine.parallel.group import GroupReduce, compute_group, rendezvous
+from engine.parallel.pools import attach
 from engine.runner import ModelRunner, kv_layout_for
 from engine.sharding import TPShard
 from engine.shm_pool import ShmKVPool
@@ -48,15 +49,13 @@ def ready_key(rank: int) -> str:
     return f"ready/{rank}"
 
 
-def serve(rank: int, size: int, store_port: int, config: EngineConfig, pool_segment: str | None) -> None:
+def serve(rank: int, size: int, store_port: int, config: EngineConfig, pool_description: str) -> None:
     if config.num_threads is not None and config.device == "cpu":
         torch.set_num_threads(config.num_threads)
     store = rendezvous(store_port, rank, size, config.tp_timeout_s)
     device = torch.device(config.rank_device(rank))
     shard = TPShard.of(ModelConfig.from_dir(config.model_dir), rank, size)
-    pool = None
-    if pool_segment:
-        pool = ShmKVPool.attach(pool_segment, kv_layout_for(config), config.num_blocks, writable=True)
+    pool = attach(pool_description, kv_layout_for(config), config.num_blocks)
     reduce = GroupReduce()
     runner = ModelRunner(config, shard, device, pool, reduce)
     store.set(ready_key(rank), "1")
@@ -65,7 +64,7 @@ def serve(rank: int, size: int, store_port: int, config: EngineConfig, pool_segm
     stdin = sys.stdin.buffer
     while (plan := read_plan(stdin)) is not None and plan.kind != StepKind.STOP:
         runner.run(plan)
-    if pool is not None:
+    if isinstance(pool, ShmKVPool):
         pool.close()
 
 
@@ -75,13 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--store-port", type=int, required=True)
     parser.add_argument("--config", required=True, help="the EngineConfig as JSON")
-    parser.add_argument("--pool", default="", help="shared-memory segment of this rank's KV pool")
+    parser.add_argument("--pool", default="", help="this rank's KV pool (engine.parallel.pools.describe)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Rank 0 stops this process (STOP, or its pipe closing); a Ctrl-C or the server's SIGINT to
     # the whole process group must not kill it in the middle of a step before rank 0 knows.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    serve(args.rank, args.size, args.store_port, config_from_json(args.config), args.pool or None)
+    serve(args.rank, args.size, args.store_port, config_from_json(args.config), args.pool)
     return 0
 
 
