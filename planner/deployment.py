@@ -36,8 +36,6 @@ class ReplicaSpec:
             raise PlannerError(f"bad model name {self.name!r}")
         if not self.engine.model_dir:
             raise PlannerError(f"{self.name}: engine parameter model_dir is required")
-        if self.engine.pp_size != 1:
-            raise PlannerError(f"{self.name}: pipeline-parallel instances (pp_size > 1) do not run yet")
 
 
 @dataclass(frozen=True)
