@@ -159,9 +159,11 @@ class EngineConfig:
     # fp32 on CPU: run norms, activation, rotary and dense decode attention as compiled fused
     # kernels (engine/kernels.py), falling back to PyTorch ops where they cannot build.
     compiled_kernels: bool = True
-    # Tensor parallelism: tp_size processes (engine/parallel/). On CUDA rank r runs on GPU
-    # device_ids[r]; on CPU every rank runs on the CPU (num_threads threads each).
+    # Tensor and pipeline parallelism: tp_size x pp_size processes (engine/parallel/); rank
+    # stage * tp_size + t is tensor-parallel rank t of pipeline stage `stage`. On CUDA rank r runs
+    # on GPU device_ids[r]; on CPU every rank runs on the CPU (num_threads threads each).
     tp_size: int = 1
+    pp_size: int = 1
     device_ids: tuple[int, ...] = ()
     # Seconds a rank waits for the others (start-up, and any collective of a step).
     tp_timeout_s: float = 60.0
@@ -180,17 +182,23 @@ class EngineConfig:
             raise ValueError(f"decode_attention must be auto, dense or paged, got {self.decode_attention!r}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
-        if self.tp_size < 1 or self.tp_timeout_s <= 0:
+        if self.tp_size < 1 or self.pp_size < 1 or self.tp_timeout_s <= 0:
             raise ValueError(
-                f"tp_size must be >= 1 and tp_timeout_s > 0, got {self.tp_size}, {self.tp_timeout_s}"
+                "tp_size and pp_size must be >= 1 and tp_timeout_s > 0, "
+                f"got {self.tp_size}, {self.pp_size}, {self.tp_timeout_s}"
             )
-        if self.device_ids and (self.device == "cpu" or len(self.device_ids) != self.tp_size):
+        if self.device_ids and (self.device == "cpu" or len(self.device_ids) != self.world_size):
             raise ValueError(
-                f"device_ids {self.device_ids} must name one CUDA device per rank (tp_size {self.tp_size})"
+                f"device_ids {self.device_ids} must name one CUDA device per rank ({self.world_size} ranks)"
             )
-        if self.device.startswith("cuda") and self.tp_size > 1 and not self.device_ids:
-            raise ValueError(f"a CUDA engine with tp_size {self.tp_size} needs device_ids, one GPU per rank")
+        if self.device.startswith("cuda") and self.world_size > 1 and not self.device_ids:
+            raise ValueError(f"a CUDA engine of {self.world_size} ranks needs device_ids, one GPU per rank")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the engine: tp_size x pp_size."""
+        return self.tp_size * self.pp_size
 
     def rank_device(self, rank: int) -> str:
-        """The device tensor-parallel rank `rank` runs on."""
+        """The device rank `rank` (stage * tp_size + tensor-parallel rank) runs on."""
         return f"cuda:{self.device_ids[rank]}" if self.device_ids else self.device

@@ -15,13 +15,16 @@ their blocks are freed by ``free()`` (``step()`` does it for sequences it schedu
 Not thread-safe: one thread drives an engine.
 
 The engine schedules, allocates blocks and samples; the forward pass is a step plan that a
-ModelRunner runs (engine/runner.py), or, with ``tp_size`` > 1, every rank of a tensor-parallel
-executor (engine/parallel/), which raises EngineDeadError once a rank has died.
+ModelRunner runs (engine/runner.py), or, with ``tp_size`` x ``pp_size`` > 1, every rank of a
+parallel executor (engine/parallel/), which raises EngineDeadError once a rank has died.
+``launch_prefill``/``launch_decode`` and ``complete`` split a step in two: with pipeline
+parallelism a step launched into stage 0 runs on while the next one is launched.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -31,7 +34,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.decode_cache import DenseDecodeCache
 from engine.errors import RequestError
 from engine.kv_cache import KVPool
-from engine.parallel.executor import TensorParallelExecutor
+from engine.parallel.executor import InFlight, ParallelExecutor
 from engine.runner import ForwardOutput, ModelRunner, kv_layout_for
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler
@@ -39,7 +42,7 @@ from engine.sequence import Sequence, Status
 from engine.sharding import single
 from engine.step_plan import StepKind, StepPlan
 
-__all__ = ["LLMEngine", "StepOutput", "StepResult", "kv_layout_for"]
+__all__ = ["LLMEngine", "Step", "StepOutput", "StepResult", "kv_layout_for"]
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +57,29 @@ class StepResult(NamedTuple):
     outputs: list[StepOutput]
 
 
+@dataclass(eq=False)
+class Step:
+    """A launched forward pass over `seqs`, until complete() samples its tokens."""
+
+    seqs: list[Sequence]
+    flight: InFlight | None = None  # a parallel engine's
+    output: ForwardOutput | None = None  # a single-process engine's (already computed)
+    stage_times: list[tuple[float, float]] = field(default_factory=list)  # set by complete()
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, pools: KVPool | list[KVPool] | None = None) -> None:
-        """`pools`: the KV pool of each tensor-parallel rank (one KVPool when tp_size is 1);
-        allocated by the engine when None. With tp_size > 1 the pools of ranks 1.. must be in
-        shared memory or on their rank's GPU, for the workers to open (engine.parallel.pools)."""
+        """`pools`: the KV pool of each rank (one KVPool for a single-process engine); allocated
+        by the engine when None. With several ranks the pools of ranks 1.. must be in shared
+        memory or on their rank's GPU, for the workers to open (engine.parallel.pools)."""
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model_dir)
         if config.num_threads is not None and config.device == "cpu":
             torch.set_num_threads(config.num_threads)
         given = [pools] if isinstance(pools, KVPool) else pools
-        self.executor: TensorParallelExecutor | None = None
-        if config.tp_size > 1:
-            self.executor = TensorParallelExecutor(config, given)
+        self.executor: ParallelExecutor | None = None
+        if config.world_size > 1:
+            self.executor = ParallelExecutor(config, given)
             self.runner = self.executor.runner
         else:
             device = torch.device(config.device)
@@ -86,11 +99,11 @@ class LLMEngine:
 
     @property
     def dead(self) -> str | None:
-        """Why the engine can run no more steps (a tensor-parallel rank died), or None."""
+        """Why the engine can run no more steps (a worker rank died), or None."""
         return self.executor.dead if self.executor is not None else None
 
     def close(self) -> None:
-        """Stops the tensor-parallel workers, if any."""
+        """Stops the worker ranks, if any."""
         if self.executor is not None:
             self.executor.close()
 
@@ -122,31 +135,46 @@ class LLMEngine:
     # ---- entry points ----------------------------------------------------------------------
 
     def prefill(self, seqs: list[Sequence]) -> list[int]:
+        return self.complete(self.launch_prefill(seqs))
+
+    def decode_step(self, seqs: list[Sequence]) -> list[int]:
+        return self.complete(self.launch_decode(seqs))
+
+    def launch_prefill(self, seqs: list[Sequence]) -> Step:
+        """Starts prefill of `seqs` (their blocks allocated now); complete() gives the tokens."""
         for seq in seqs:
             if seq.block_table or seq.output_ids:
                 raise ValueError(f"sequence {seq.seq_id} was already prefilled")
             seq.block_table = self.blocks.allocate(self.blocks.blocks_for(seq.prompt_len))
-        plan = self._plan(
-            StepKind.PREFILL, seqs, [t for s in seqs for t in s.prompt_ids], [s.prompt_len for s in seqs]
-        )
-        out = self._run(plan)
-        assert out.logits is not None
-        return self._sample_and_append(seqs, out.logits)
+        tokens = [t for s in seqs for t in s.prompt_ids]
+        return self._launch(seqs, self._plan(StepKind.PREFILL, seqs, tokens, [s.prompt_len for s in seqs]))
 
-    def decode_step(self, seqs: list[Sequence]) -> list[int]:
+    def launch_decode(self, seqs: list[Sequence]) -> Step:
+        """Starts a decode step of `seqs`; complete() gives the tokens. With pipeline parallelism
+        this returns once stage 0 has run, so another micro-batch (of other sequences) can be
+        launched while the later stages work on this one."""
         for seq in seqs:
             if not seq.output_ids:
                 raise ValueError(f"sequence {seq.seq_id} has not been prefilled")
             while len(seq.block_table) < self.blocks.blocks_for(seq.num_tokens):
                 seq.block_table += self.blocks.allocate(1)
-        plan = self._plan(StepKind.DECODE, seqs, [s.last_token for s in seqs], [s.num_tokens for s in seqs])
-        out = self._run(plan)
-        assert out.logits is not None
+        tokens = [s.last_token for s in seqs]
+        return self._launch(seqs, self._plan(StepKind.DECODE, seqs, tokens, [s.num_tokens for s in seqs]))
+
+    def complete(self, step: Step) -> list[int]:
+        """Waits for a launched step (steps complete in launch order), samples and appends one
+        token to each of its sequences; returns them in the sequences' order."""
+        out = step.output
+        if step.flight is not None:
+            assert self.executor is not None
+            out = self.executor.complete(step.flight)
+        assert out is not None and out.logits is not None
+        step.stage_times = out.stage_times or []
         # The runner may have reordered the batch (dense decode rows): sample in its order.
-        by_id = {s.seq_id: s for s in seqs}
+        by_id = {s.seq_id: s for s in step.seqs}
         batch = [by_id[i] for i in out.seq_ids]
         tokens = dict(zip(out.seq_ids, self._sample_and_append(batch, out.logits), strict=True))
-        return [tokens[s.seq_id] for s in seqs]
+        return [tokens[s.seq_id] for s in step.seqs]
 
     def adopt(self, seq: Sequence) -> list[int]:
         """Allocates the blocks that will receive a sequence's prompt KV from a prefill engine."""
@@ -219,8 +247,10 @@ class LLMEngine:
         self._dropped.clear()
         return plan
 
-    def _run(self, plan: StepPlan) -> ForwardOutput:
-        return self.executor.run(plan) if self.executor is not None else self.runner.run(plan)
+    def _launch(self, seqs: list[Sequence], plan: StepPlan) -> Step:
+        if self.executor is not None:
+            return Step(seqs, flight=self.executor.launch(plan))
+        return Step(seqs, output=self.runner.run(plan))
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
         tokens = sample(

@@ -17,7 +17,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.kernels import DecoderDims, TorchKernels
 from engine.kv_cache import KVPool
-from engine.sharding import TPShard, single
+from engine.sharding import Stage, TPShard, single, whole_model
 
 # Sums a tensor over the tensor-parallel ranks, in place (row-parallel projections).
 AllReduce = Callable[[torch.Tensor], None]
@@ -78,6 +78,7 @@ class Attention(nn.Module):
     kernels: TorchKernels = TorchKernels()  # set by CausalLM.fuse()
 
     def __init__(self, cfg: ModelConfig, layer: int, shard: TPShard, all_reduce: AllReduce | None) -> None:
+        """`layer`: this layer's index in the stage's KV pool (its first layer is 0)."""
         super().__init__()
         self.layer = layer
         # This rank's heads (all of them without tensor parallelism).
@@ -251,11 +252,18 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, shard: TPShard, all_reduce: AllReduce | None) -> None:
+    """The embedding (first stage), this stage's decoder layers, the final norm (last stage).
+
+    Layers are keyed by their index in the checkpoint ("model.layers.12...") so that weights
+    load by name; each uses its position within the stage as its index into the stage's KV pool."""
+
+    def __init__(self, cfg: ModelConfig, shard: TPShard, stage: Stage, all_reduce: AllReduce | None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shard, all_reduce) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if stage.is_first else None
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(cfg, i - stage.first_layer, shard, all_reduce) for i in stage.layers}
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if stage.is_last else None
 
 
 class CausalLM(nn.Module):
@@ -263,35 +271,46 @@ class CausalLM(nn.Module):
     Call fuse() once the weights are loaded, before the first forward().
 
     With tensor parallelism (`shard` of size > 1) this is one rank's share (see
-    engine/sharding.py): `all_reduce` sums the row-parallel projections over the ranks,
-    and only rank 0 has the LM head (it samples); the other ranks' forward() returns None."""
+    engine/sharding.py): `all_reduce` sums the row-parallel projections over the ranks, and only
+    rank 0 has the LM head (it samples). With pipeline parallelism (`stage`) it holds the stage's
+    layers: the first stage takes token ids, the others the previous stage's hidden states, and
+    every stage but the last returns its hidden states. Ranks without the LM head return None."""
 
     kernels: TorchKernels = TorchKernels()  # set by fuse()
     dense_decoder: Any = None  # set by fuse() where the kernels run whole decode steps
 
     def __init__(
-        self, cfg: ModelConfig, shard: TPShard | None = None, all_reduce: AllReduce | None = None
+        self,
+        cfg: ModelConfig,
+        shard: TPShard | None = None,
+        all_reduce: AllReduce | None = None,
+        stage: Stage | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg
         self.shard = shard or single(cfg)
-        self.model = Backbone(cfg, self.shard, all_reduce)
+        self.stage = stage or whole_model(cfg)
+        self.model = Backbone(cfg, self.shard, self.stage, all_reduce)
         self.lm_head: nn.Module | None = None
-        if self.shard.is_first:
+        if self.stage.is_last and self.shard.is_first:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-            if cfg.tie_word_embeddings:
+            if cfg.tie_word_embeddings and self.model.embed_tokens is not None:
                 self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.model.layers.values() if isinstance(layer, DecoderLayer)]
 
     def fuse(self, kernels: TorchKernels) -> None:
         """Concatenates projections that read the same input into one weight each, prepared for
         `kernels` (see Projection), and makes every op of the forward pass run on `kernels`."""
         self.kernels = kernels
-        for layer in self.model.layers:
-            assert isinstance(layer, DecoderLayer)
+        for layer in self.decoder_layers:
             layer.self_attn.fuse(kernels)
             layer.mlp.fuse(kernels)
             layer.input_layernorm.kernels = layer.post_attention_layernorm.kernels = kernels
-        self.model.norm.kernels = kernels
+        if self.model.norm is not None:
+            self.model.norm.kernels = kernels
         cfg = self.config
         if self.shard.size == 1:  # a whole-step decoder has no place for the ranks' all-reduces
             dims = DecoderDims(
@@ -303,18 +322,19 @@ class CausalLM(nn.Module):
                 cfg.rms_norm_eps,
             )
             self.dense_decoder = kernels.dense_decoder(
-                dims, [_decoder_weights(layer) for layer in self.model.layers]
+                dims, [_decoder_weights(layer) for layer in self.decoder_layers]
             )
-        if (
-            isinstance(self.lm_head, nn.Linear) and not cfg.tie_word_embeddings
-        ):  # tied: it would be a second copy
+        tied = cfg.tie_word_embeddings and self.model.embed_tokens is not None
+        if isinstance(self.lm_head, nn.Linear) and not tied:  # tied: it would be a second copy
             self.lm_head = Projection(self.lm_head, kernels=kernels)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor | None:
-        """input_ids: [N] -> logits [B, vocab] (fp32) for the last token of each sequence (None on
-        a tensor-parallel rank other than 0, which only writes its share of the KV)."""
-        x = self.model.embed_tokens(input_ids)
+    def forward(self, inputs: torch.Tensor, step: StepInput, pool: KVPool) -> torch.Tensor | None:
+        """inputs: token ids [N] (first stage) or the previous stage's hidden states [N, hidden].
+        Returns this stage's hidden states [N, hidden] (all but the last stage), or the logits
+        [B, vocab] (fp32) of each sequence's last token (the last stage's rank 0), or None (the
+        last stage's other tensor-parallel ranks, which only write their share of the KV)."""
+        x = self.model.embed_tokens(inputs) if self.model.embed_tokens is not None else inputs
         if isinstance(step, DenseDecodeStep) and self.dense_decoder is not None:
             x = self.dense_decoder.forward(
                 x,
@@ -328,13 +348,15 @@ class CausalLM(nn.Module):
             )
         else:
             keys, values = [], []
-            for layer in self.model.layers:
+            for layer in self.decoder_layers:
                 x, k, v = layer(x, step, pool)
                 keys.append(k)
                 values.append(v)
             if not isinstance(step, PagedDecodeStep):  # paged decode wrote its K/V layer by layer
                 self.kernels.write_kv(pool.tensor, step.slot_mapping, keys, values)
-        if self.lm_head is None:
+        if not self.stage.is_last:
+            return x
+        if self.lm_head is None or self.model.norm is None:
             return None
         if isinstance(step, PrefillStep):
             x = x[step.last_token_index]

@@ -102,3 +102,52 @@ class TPShard:
 def single(config: ModelConfig) -> TPShard:
     """The whole model in one process."""
     return TPShard.of(config, 0, 1)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """This process's pipeline stage: the contiguous layers [first_layer, end_layer) it owns.
+
+    Layers split as evenly as they go; when they do not divide, the first stages take one more
+    (the last stage also runs the final norm and the LM head)."""
+
+    index: int
+    count: int
+    first_layer: int
+    end_layer: int
+
+    @classmethod
+    def of(cls, num_layers: int, index: int, count: int) -> Stage:
+        if count < 1 or not 0 <= index < count:
+            raise ShardingError(f"need 0 <= stage < pp_size, got stage {index} of {count}")
+        if num_layers < count:
+            raise ShardingError(f"a model of {num_layers} layers cannot run with pp_size {count}")
+        base, extra = divmod(num_layers, count)
+        first = index * base + min(index, extra)
+        return cls(index, count, first, first + base + (1 if index < extra else 0))
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.end_layer)
+
+    def owns(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to this stage (embedding: the first stage; final
+        norm and LM head: the last; a decoder layer: the stage holding it)."""
+        if name.startswith("model.layers."):
+            return int(name.split(".")[2]) in self.layers
+        if name.startswith("model.embed_tokens."):
+            return self.is_first
+        return self.is_last  # model.norm, lm_head
+
+
+def whole_model(config: ModelConfig) -> Stage:
+    """Every layer in one stage."""
+    return Stage.of(config.num_layers, 0, 1)

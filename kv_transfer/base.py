@@ -44,7 +44,7 @@ from kv_transfer.errors import (
 from kv_transfer.handle import KVHandle, ShardRef, runs_of
 from kv_transfer.lease import LeaseTable
 from kv_transfer.release import cancel_shard, shard_request
-from kv_transfer.reshard import ShardPlan, check_compatible, plan_pull
+from kv_transfer.reshard import Place, ShardPlan, check_compatible, plan_pull
 
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total) during a pull
 
@@ -98,7 +98,7 @@ class KVSender(ABC):
         self.address = f"{host}:{self._server.port}"
         layout = pool.layout
         self.handle_layout = KVLayout(
-            layout.num_layers,
+            config.model_layers or layout.num_layers,
             layout.num_kv_heads * config.tp_size,
             layout.head_dim,
             layout.block_size,
@@ -123,6 +123,7 @@ class KVSender(ABC):
         lease = self.leases.open(ids)
         shard = ShardRef(
             tp_rank=self.config.tp_rank,
+            pp_rank=self.config.pp_rank,
             address=self.address,
             lease=lease,
             instance=self.instance,
@@ -132,7 +133,13 @@ class KVSender(ABC):
             checksum=checksum,
         )
         return KVHandle(
-            self.transport, num_tokens, len(ids), self.handle_layout, self.config.tp_size, (shard,)
+            self.transport,
+            num_tokens,
+            len(ids),
+            self.handle_layout,
+            self.config.tp_size,
+            (shard,),
+            self.config.pp_size,
         )
 
     def cancel(self, lease_id: str) -> None:
@@ -192,6 +199,7 @@ class KVReceiver(ABC):
     def __init__(self, pool: KVPool, config: ReceiverConfig) -> None:
         self.pool = pool
         self.config = config
+        self.place = Place(config.tp_rank, config.tp_size, config.pp_rank, config.pp_size)
         self.counters = TransferCounters()
         self._control = ControlClient(config.io_timeout_s)
         self._copier = PlaneCopier(config.copy_workers)
@@ -204,10 +212,12 @@ class KVReceiver(ABC):
         moved, verified = 0, True
         try:
             dst = self._validate(handle, dst_block_ids)
-            tp = self.config
-            plans = plan_pull(handle.layout.num_kv_heads, handle.tp_size, tp.tp_size, tp.tp_rank)
+            layout = handle.layout
+            plans = plan_pull(
+                layout.num_kv_heads, layout.num_layers, handle.tp_size, handle.pp_size, self.place
+            )
             for plan in plans:
-                shard = handle.shards[plan.shard_rank]
+                shard = handle.shards[plan.shard_index]
                 try:
                     n, ok = self._pull_shard(handle, shard, plan, dst, on_progress)
                 except (OSError, ConnectionError) as exc:
@@ -222,7 +232,9 @@ class KVReceiver(ABC):
             if self.pool.device.type == "cuda":
                 torch.cuda.current_stream(self.pool.device).synchronize()
             for plan in plans:
-                self._request(handle.shards[plan.shard_rank], "ack", reader=plan.reader, readers=plan.readers)
+                self._request(
+                    handle.shards[plan.shard_index], "ack", reader=plan.reader, readers=plan.readers
+                )
         except BaseException:
             self.counters.failure()
             raise
@@ -273,9 +285,9 @@ class KVReceiver(ABC):
             )
         if not handle.complete:
             raise KVHandleError(
-                f"handle has {len(handle.shards)} of {handle.tp_size} TP shards; merge them first"
+                f"handle has {len(handle.shards)} of {handle.tp_size * handle.pp_size} shards; merge them first"
             )
-        check_compatible(handle.layout, handle.tp_size, self.pool.layout, self.config.tp_size)
+        check_compatible(handle.layout, handle.tp_size, handle.pp_size, self.pool.layout, self.place)
         dst = [int(b) for b in dst_block_ids]
         if len(dst) != handle.num_blocks:
             raise ValueError(f"handle has {handle.num_blocks} blocks, got {len(dst)} destination blocks")

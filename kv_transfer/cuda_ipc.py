@@ -51,7 +51,7 @@ class CudaIpcSender(KVSender):
 def copy_blocks_cuda(
     src: torch.Tensor, src_ids: list[int], dst: torch.Tensor, dst_ids: list[int], plan: ShardPlan
 ) -> None:
-    """Batched device-to-device gather of blocks (all layers) from src into dst at the plan's heads."""
+    """Batched device-to-device gather of blocks from src into dst at the plan's layers and heads."""
     runs = matched_runs(src_ids, dst_ids)
     num_layers = src.shape[0]
     if plan.full and len(runs) <= num_layers:
@@ -60,12 +60,14 @@ def copy_blocks_cuda(
         return
     s_idx = torch.as_tensor(src_ids, dtype=torch.long, device=src.device)
     d_idx = torch.as_tensor(dst_ids, dtype=torch.long, device=dst.device)
-    for layer in range(num_layers):  # bounded staging: one layer's blocks at a time
-        part = src[layer].index_select(1, s_idx)
+    src_layers = range(num_layers)[plan.src_layers]
+    dst_layers = range(dst.shape[0])[plan.dst_layers]
+    for s_layer, d_layer in zip(src_layers, dst_layers, strict=True):  # bounded staging: a layer at a time
+        part = src[s_layer].index_select(1, s_idx)
         if plan.full:
-            dst[layer].index_copy_(1, d_idx, part.to(dst.device, non_blocking=True))
+            dst[d_layer].index_copy_(1, d_idx, part.to(dst.device, non_blocking=True))
         else:
-            dst[layer][:, d_idx, :, plan.dst_heads] = part[:, :, :, plan.src_heads].to(
+            dst[d_layer][:, d_idx, :, plan.dst_heads] = part[:, :, :, plan.src_heads].to(
                 dst.device, non_blocking=True
             )
 
@@ -84,7 +86,7 @@ class CudaIpcReceiver(KVReceiver):
         with self._import_lock:
             src = self._imported.get(key)
             if src is None:
-                layout = handle.shard_layout
+                layout = handle.layout_of(shard)
                 export = self._request(shard, "export")
                 try:
                     src = import_pool(export, layout.pool_shape(shard.pool_blocks), layout.torch_dtype)
@@ -105,7 +107,7 @@ class CudaIpcReceiver(KVReceiver):
         src = self._source(handle, shard)
         torch.cuda.set_device(self.pool.device)
         copy_blocks_cuda(src, shard.block_ids, self.pool.tensor, dst_ids, plan)
-        nbytes = handle.shard_layout.bytes_per_block * handle.num_blocks
+        nbytes = handle.layout_of(shard).bytes_per_block * handle.num_blocks
         if self.config.verify_checksum and shard.checksum is not None:
             # Optional on GPU: the hash runs on the host, so this costs a device-to-host copy.
             packed = src.index_select(2, torch.as_tensor(shard.block_ids, device=src.device)).cpu()

@@ -4,33 +4,38 @@ Prefill returns ``handle.encode()`` (UTF-8 JSON, never pickle) to the orchestrat
 decode instance; ``KVHandle.decode`` validates every field (version, exact key set, types, sizes, ranges)
 before anything else looks at it, and raises ``KVHandleError`` naming the offending field.
 
-Wire format, version 1 (keys sorted, no whitespace)::
+Wire format, version 2 (keys sorted, no whitespace)::
 
-    {"version": 1, "transport": "shm", "num_tokens": 37, "num_blocks": 3,
+    {"version": 2, "transport": "shm", "num_tokens": 37, "num_blocks": 3,
      "layout": {"num_layers": 2, "num_kv_heads": 8, "head_dim": 64, "block_size": 16, "dtype": "bfloat16"},
-     "tp_size": 2,
-     "shards": [{"tp_rank": 0, "address": "127.0.0.1:41234", "lease": "<32 hex>", "instance": "<16 hex>",
-                 "block_runs": [[4, 2], [9, 1]], "pool_blocks": 64, "segment": "kvp_1a2b", "checksum": "<16 hex>"},
-                {"tp_rank": 1, ...}]}
+     "tp_size": 2, "pp_size": 1,
+     "shards": [{"tp_rank": 0, "pp_rank": 0, "address": "127.0.0.1:41234", "lease": "<32 hex>",
+                 "instance": "<16 hex>", "block_runs": [[4, 2], [9, 1]], "pool_blocks": 64,
+                 "segment": "kvp_1a2b", "checksum": "<16 hex>"},
+                {"tp_rank": 1, "pp_rank": 0, ...}]}
 
-``layout.num_kv_heads`` is the model's total KV heads; prefill rank r of ``tp_size`` holds heads
-``[r*H/tp, (r+1)*H/tp)``. ``block_runs`` lists ``[first_block, count]`` runs in sequence order (the k-th
-block of the sequence is the k-th id the runs expand to). A handle from one rank of a TP>1 prefill holds
-one shard; ``KVHandle.merge`` joins the ranks' handles into a complete one.
+``layout`` is the model's: all its layers and KV heads. The prefill shard of pipeline stage p and
+tensor-parallel rank r holds the layers of stage p (engine.sharding.Stage) and heads
+``[r*H/tp, (r+1)*H/tp)``. ``block_runs`` lists ``[first_block, count]`` runs in sequence order (the
+k-th block of the sequence is the k-th id the runs expand to). A handle from one prefill rank holds
+one shard; ``KVHandle.merge`` joins the ranks' handles into a complete one (one shard per stage and
+tensor-parallel rank, sorted by stage, then rank).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from engine.kv_cache import DTYPES, KVLayout
+from engine.sharding import Stage
 from engine.shm_pool import SEGMENT_RE
 from kv_transfer.errors import KVHandleError
 
-HANDLE_VERSION = 1
+HANDLE_VERSION = 2
 TRANSPORTS = ("shm", "tcp", "cuda_ipc", "nccl")
 MAX_HANDLE_BYTES = 1 << 20
 MAX_BLOCKS = 1 << 22
@@ -40,9 +45,10 @@ _HOST_RE = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 
 @dataclass(frozen=True)
 class ShardRef:
-    """Where one prefill TP rank's part of the KV lives, and the lease guarding it."""
+    """Where one prefill rank's part of the KV lives, and the lease guarding it."""
 
     tp_rank: int
+    pp_rank: int
     address: str  # "host:port" of that rank's control server
     lease: str  # 32 lowercase hex
     instance: str  # 16 lowercase hex, a random id of the sender (new after every restart)
@@ -63,6 +69,7 @@ class ShardRef:
     def to_dict(self) -> dict[str, Any]:
         return {
             "tp_rank": self.tp_rank,
+            "pp_rank": self.pp_rank,
             "address": self.address,
             "lease": self.lease,
             "instance": self.instance,
@@ -91,23 +98,32 @@ class KVHandle:
     transport: str
     num_tokens: int
     num_blocks: int
-    layout: KVLayout  # num_kv_heads is the total over all TP ranks
+    layout: KVLayout  # the model's: all layers, all KV heads
     tp_size: int
     shards: tuple[ShardRef, ...]
+    pp_size: int = 1
     version: int = HANDLE_VERSION
 
     def __post_init__(self) -> None:
         _validate(self)
 
-    @property
-    def shard_layout(self) -> KVLayout:
-        """The layout of each shard's pool (one prefill TP rank's KV heads)."""
-        return self.layout.tp_shard(self.tp_size)
+    def stage_layers(self, pp_rank: int) -> range:
+        """The layers prefill stage `pp_rank` holds."""
+        return Stage.of(self.layout.num_layers, pp_rank, self.pp_size).layers
+
+    def layout_of(self, shard: ShardRef) -> KVLayout:
+        """The layout of a shard's pool: its stage's layers, its rank's KV heads."""
+        layers = len(self.stage_layers(shard.pp_rank))
+        return dataclasses.replace(self.layout.tp_shard(self.tp_size), num_layers=layers)
+
+    def shard(self, pp_rank: int, tp_rank: int) -> ShardRef:
+        """The shard of stage `pp_rank`, tensor-parallel rank `tp_rank` (the handle is complete)."""
+        return self.shards[pp_rank * self.tp_size + tp_rank]
 
     @property
     def complete(self) -> bool:
-        """True when the handle has one shard per prefill TP rank (a pull needs that)."""
-        return len(self.shards) == self.tp_size
+        """True when the handle has one shard per prefill stage and rank (a pull needs that)."""
+        return len(self.shards) == self.tp_size * self.pp_size
 
     def encode(self) -> bytes:
         doc = {
@@ -117,6 +133,7 @@ class KVHandle:
             "num_blocks": self.num_blocks,
             "layout": self.layout.to_dict(),
             "tp_size": self.tp_size,
+            "pp_size": self.pp_size,
             "shards": [s.to_dict() for s in self.shards],
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -133,12 +150,12 @@ class KVHandle:
             doc = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise KVHandleError(f"KV handle is not valid UTF-8 JSON: {exc}") from None
-        doc = _obj(
-            doc, "handle", {"version", "transport", "num_tokens", "num_blocks", "layout", "tp_size", "shards"}
-        )
-        version = _int(doc["version"], "version")
-        if version != HANDLE_VERSION:
+        if isinstance(doc, dict) and "version" in doc and doc["version"] != HANDLE_VERSION:
+            version = _int(doc["version"], "version")
             raise KVHandleError(f"KV handle version {version} is not supported (expected {HANDLE_VERSION})")
+        keys = {"version", "transport", "num_tokens", "num_blocks", "layout", "tp_size", "pp_size", "shards"}
+        doc = _obj(doc, "handle", keys)
+        version = _int(doc["version"], "version")
         lay = _obj(doc["layout"], "layout", {"num_layers", "num_kv_heads", "head_dim", "block_size", "dtype"})
         dtype = lay["dtype"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
@@ -164,28 +181,27 @@ class KVHandle:
             layout=layout,
             tp_size=_int(doc["tp_size"], "tp_size", 1, 1024),
             shards=shards,
+            pp_size=_int(doc["pp_size"], "pp_size", 1, 1024),
             version=version,
         )
 
     @classmethod
     def merge(cls, parts: list[KVHandle]) -> KVHandle:
-        """Joins the single-shard handles of every prefill TP rank into one complete handle."""
+        """Joins the handles of every prefill rank into one complete handle."""
         if not parts:
             raise KVHandleError("merge needs at least one handle")
         first = parts[0]
-        for p in parts:
-            if (p.transport, p.num_tokens, p.num_blocks, p.layout, p.tp_size) != (
-                first.transport,
-                first.num_tokens,
-                first.num_blocks,
-                first.layout,
-                first.tp_size,
-            ):
-                raise KVHandleError("cannot merge handles of different sequences, layouts or transports")
-        shards = sorted((s for p in parts for s in p.shards), key=lambda s: s.tp_rank)
+
+        def key(h: KVHandle) -> tuple[Any, ...]:
+            return (h.transport, h.num_tokens, h.num_blocks, h.layout, h.tp_size, h.pp_size)
+
+        if any(key(p) != key(first) for p in parts):
+            raise KVHandleError("cannot merge handles of different sequences, layouts or transports")
+        shards = sorted((s for p in parts for s in p.shards), key=lambda s: (s.pp_rank, s.tp_rank))
         return cls(
-            first.transport, first.num_tokens, first.num_blocks, first.layout, first.tp_size, tuple(shards)
-        )
+            first.transport, first.num_tokens, first.num_blocks, first.layout, first.tp_size, tuple(shards),
+            first.pp_size,
+        )  # fmt: skip
 
 
 def _validate(h: KVHandle) -> None:
@@ -200,11 +216,17 @@ def _validate(h: KVHandle) -> None:
         )
     if h.layout.num_kv_heads % h.tp_size:
         raise KVHandleError(f"num_kv_heads {h.layout.num_kv_heads} is not divisible by tp_size {h.tp_size}")
-    if not 1 <= len(h.shards) <= h.tp_size:
-        raise KVHandleError(f"a handle needs 1..{h.tp_size} shards, got {len(h.shards)}")
-    ranks = [s.tp_rank for s in h.shards]
-    if len(set(ranks)) != len(ranks) or ranks != sorted(ranks) or not all(0 <= r < h.tp_size for r in ranks):
-        raise KVHandleError(f"shard tp_ranks {ranks} must be distinct, sorted and below tp_size {h.tp_size}")
+    if h.layout.num_layers < h.pp_size:
+        raise KVHandleError(f"{h.layout.num_layers} layers cannot be split over pp_size {h.pp_size}")
+    if not 1 <= len(h.shards) <= h.tp_size * h.pp_size:
+        raise KVHandleError(f"a handle needs 1..{h.tp_size * h.pp_size} shards, got {len(h.shards)}")
+    ranks = [(s.pp_rank, s.tp_rank) for s in h.shards]
+    in_range = all(0 <= r < h.tp_size and 0 <= p < h.pp_size for p, r in ranks)
+    if len(set(ranks)) != len(ranks) or ranks != sorted(ranks) or not in_range:
+        raise KVHandleError(
+            f"shard (pp_rank, tp_rank) pairs {ranks} must be distinct, sorted and below "
+            f"pp_size {h.pp_size} and tp_size {h.tp_size}"
+        )
     for s in h.shards:
         total = sum(count for _, count in s.block_runs)
         if total != h.num_blocks:
@@ -244,7 +266,17 @@ def _hex(value: Any, name: str, length: int) -> str:
 
 def _shard(value: Any, index: int) -> ShardRef:
     name = f"shards[{index}]"
-    keys = {"tp_rank", "address", "lease", "instance", "block_runs", "pool_blocks", "segment", "checksum"}
+    keys = {
+        "tp_rank",
+        "pp_rank",
+        "address",
+        "lease",
+        "instance",
+        "block_runs",
+        "pool_blocks",
+        "segment",
+        "checksum",
+    }
     doc = _obj(value, name, keys)
     address = doc["address"]
     if not isinstance(address, str) or ":" not in address:
@@ -271,6 +303,7 @@ def _shard(value: Any, index: int) -> ShardRef:
     checksum = doc["checksum"]
     return ShardRef(
         tp_rank=_int(doc["tp_rank"], f"{name}.tp_rank", 0, 1023),
+        pp_rank=_int(doc["pp_rank"], f"{name}.pp_rank", 0, 1023),
         address=address,
         lease=_hex(doc["lease"], f"{name}.lease", 32),
         instance=_hex(doc["instance"], f"{name}.instance", 16),

@@ -1,13 +1,14 @@
-"""KV transfer for a tensor-parallel instance: one sender or receiver per rank, used as one.
+"""KV transfer for a parallel instance: one sender or receiver per rank, used as one.
 
-A TP instance's rank 0 can reach every rank's pool (on CPU they live in shared memory), so it
-moves the KV of all its ranks itself. Prefill: every rank's sender leases the sequence's blocks
-(the same block ids on every rank: one block manager allocates them) and the handles are merged
-into one, with a shard per rank; the blocks are free again once every shard's lease ended (each
-lease holds a reference). Decode: each rank's receiver pulls exactly that rank's KV heads from the
-prefill shards that hold them (kv_transfer.reshard), into the same destination blocks, and
-acknowledges as one of that shard's readers; a prefill shard's lease ends when all its readers
-have acknowledged.
+The rank 0 of a tensor- or pipeline-parallel instance can reach every rank's pool (shared memory
+on CPU, CUDA memory on a GPU), so it moves the KV of all its ranks itself. Pools are indexed by
+rank, stage-major (rank = stage * tp + tensor-parallel rank). Prefill: every rank's sender leases
+the sequence's blocks (the same block ids on every rank: one block manager allocates them) and the
+handles are merged into one, with a shard per rank (its stage's layers, its heads); the blocks are
+free again once every shard's lease ended (each lease holds a reference). Decode: each rank's
+receiver pulls exactly that rank's heads of its stage's layers from the prefill shards that hold
+them (kv_transfer.reshard), into the same destination blocks, and acknowledges as one of each
+shard's readers; a prefill shard's lease ends when all its readers have acknowledged.
 """
 
 from __future__ import annotations
@@ -27,13 +28,29 @@ class InstanceSender:
     """The senders of every rank of a prefill instance (rank r's pool is pools[r])."""
 
     def __init__(
-        self, transport: str, pools: Sequence[KVPool], block_manager: BlockManager, config: SenderConfig
+        self,
+        transport: str,
+        pools: Sequence[KVPool],
+        block_manager: BlockManager,
+        config: SenderConfig,
+        pp_size: int = 1,
+        model_layers: int = 0,
     ) -> None:
-        tp = len(pools)
+        """`pools`: every rank's, stage-major (pp_size stages of len(pools) / pp_size ranks);
+        `model_layers`: the model's layer count (needed when pp_size > 1)."""
+        tp = len(pools) // pp_size
         self.senders: list[KVSender] = []
         try:
             for rank, pool in enumerate(pools):
-                rank_config = SenderConfig(**{**config.__dict__, "tp_size": tp, "tp_rank": rank})
+                stage, t = divmod(rank, tp)
+                place = {
+                    "tp_size": tp,
+                    "tp_rank": t,
+                    "pp_size": pp_size,
+                    "pp_rank": stage,
+                    "model_layers": model_layers,
+                }
+                rank_config = SenderConfig(**{**config.__dict__, **place})
                 self.senders.append(create_sender(transport, pool, block_manager, rank_config))
         except BaseException:
             self.close()
@@ -57,7 +74,7 @@ class InstanceSender:
         return parts[0] if len(parts) == 1 else KVHandle.merge(parts)
 
     def active_leases(self) -> int:
-        """Sequences whose KV waits to be pulled (each holds one lease per rank)."""
+        """Sequences whose KV waits to be pulled (each holds a lease on every rank)."""
         return max((s.counters.snapshot().active_leases for s in self.senders), default=0)
 
     def close(self) -> None:
@@ -68,12 +85,17 @@ class InstanceSender:
 class InstanceReceiver:
     """The receivers of every rank of a decode instance (rank r's pool is pools[r])."""
 
-    def __init__(self, transport: str, pools: Sequence[KVPool], config: ReceiverConfig) -> None:
-        tp = len(pools)
+    def __init__(
+        self, transport: str, pools: Sequence[KVPool], config: ReceiverConfig, pp_size: int = 1
+    ) -> None:
+        """`pools`: every rank's, stage-major (pp_size stages of len(pools) / pp_size ranks)."""
+        tp = len(pools) // pp_size
         self.receivers: list[KVReceiver] = []
         try:
             for rank, pool in enumerate(pools):
-                rank_config = ReceiverConfig(**{**config.__dict__, "tp_size": tp, "tp_rank": rank})
+                stage, t = divmod(rank, tp)
+                place = {"tp_size": tp, "tp_rank": t, "pp_size": pp_size, "pp_rank": stage}
+                rank_config = ReceiverConfig(**{**config.__dict__, **place})
                 self.receivers.append(create_receiver(transport, pool, rank_config))
         except BaseException:
             self.close()

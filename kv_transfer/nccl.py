@@ -215,7 +215,7 @@ class NcclReceiver(KVReceiver):
         dst_ids: list[int],
         on_progress: ProgressFn | None,
     ) -> tuple[int, bool]:
-        layout = handle.shard_layout
+        layout = handle.layout_of(shard)
         n = handle.num_blocks
         total = layout.bytes_per_block * n
         pair = self._pair(shard)

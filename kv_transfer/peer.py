@@ -8,6 +8,7 @@ the decode side can recompute what it should receive.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import traceback
@@ -21,6 +22,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.kv_cache import KVLayout, KVPool
+from engine.sharding import Stage
 from engine.shm_pool import ShmKVPool
 from kv_transfer.base import KVSender
 from kv_transfer.config import SenderConfig
@@ -57,21 +59,24 @@ class _Sender:
     def __init__(self, spec: dict[str, Any]) -> None:
         total = KVLayout(**spec["layout"])
         tp_size, tp_rank = spec.get("tp_size", 1), spec.get("tp_rank", 0)
-        local = total.tp_shard(tp_size)
+        pp_size, pp_rank = spec.get("pp_size", 1), spec.get("pp_rank", 0)
+        layers = Stage.of(total.num_layers, pp_rank, pp_size).layers
+        local = dataclasses.replace(total.tp_shard(tp_size), num_layers=len(layers))
         n = spec["num_blocks"]
         device = spec.get("device", "cpu")
         self.pool: KVPool = (
             ShmKVPool.create(local, n) if spec["transport"] == "shm" else KVPool.allocate(local, n, device)
         )
-        data = logical_kv(total, n, spec["seed"])[
+        data = logical_kv(total, n, spec["seed"])[layers.start : layers.stop][
             :, :, :, :, head_slice(total.num_kv_heads, tp_size, tp_rank)
         ]
         self.pool.tensor.copy_(data)
         del data
         self.bm = BlockManager(n, total.block_size)
         config = SenderConfig(
-            lease_ttl_s=spec.get("ttl", 30.0), tp_size=tp_size, tp_rank=tp_rank, checksum=spec.get("checksum")
-        )
+            lease_ttl_s=spec.get("ttl", 30.0), tp_size=tp_size, tp_rank=tp_rank, checksum=spec.get("checksum"),
+            pp_size=pp_size, pp_rank=pp_rank, model_layers=total.num_layers,
+        )  # fmt: skip
         self.sender: KVSender = create_sender(spec["transport"], self.pool, self.bm, config)
 
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +149,8 @@ class PrefillPeer:
     def start(self, transport: str, layout: KVLayout, num_blocks: int, seed: int, **options: Any) -> int:
         """A new sender over a pool of num_blocks holding logical_kv(layout, num_blocks, seed).
 
-        layout is the model-wide layout (all heads); options: tp_size, tp_rank, ttl, checksum, device.
+        layout is the model-wide layout (all layers, all heads); options: tp_size, tp_rank, pp_size,
+        pp_rank, ttl, checksum, device.
         """
         reply = call(
             self.conn,

@@ -85,7 +85,7 @@ class ShmReceiver(KVReceiver):
         on_progress: ProgressFn | None,
     ) -> tuple[int, bool]:
         self._request(shard, "begin")
-        shard_layout = handle.shard_layout
+        shard_layout = handle.layout_of(shard)
         src = self._source(shard, shard_layout)
         src_ids = shard.block_ids
         want = self.config.verify_checksum and shard.checksum is not None

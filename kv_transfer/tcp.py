@@ -93,7 +93,7 @@ class TcpReceiver(KVReceiver):
         dst_ids: list[int],
         on_progress: ProgressFn | None,
     ) -> tuple[int, bool]:
-        layout = handle.shard_layout
+        layout = handle.layout_of(shard)
         n = handle.num_blocks
         total = layout.bytes_per_block * n
         want = self.config.verify_checksum and shard.checksum is not None

@@ -103,7 +103,7 @@ def test_control_server_replies_errors_and_drops_garbage() -> None:
 def test_batched_device_copy_logic(scattered: bool, heads: str) -> None:
     """cuda_ipc's gather (run copies or per-layer index ops), exercised on CPU tensors."""
     from kv_transfer.cuda_ipc import copy_blocks_cuda
-    from kv_transfer.reshard import plan_pull
+    from kv_transfer.reshard import Place, plan_pull
 
     layout = KVLayout(num_layers=3, num_kv_heads=4, head_dim=8, block_size=2, dtype="float16")
     src = KVPool.allocate(layout, 30)
@@ -112,18 +112,32 @@ def test_batched_device_copy_logic(scattered: bool, heads: str) -> None:
     src_ids = rng.sample(range(30), 12) if scattered else list(range(5, 17))
     dst_ids = rng.sample(range(20), 12) if scattered else [*range(0, 6), *range(10, 16)]
     if heads == "full":
-        plan = plan_pull(4, 1, 1, 0)[0]
+        plan = plan_pull(4, 3, 1, 1, Place())[0]
         dst = KVPool.allocate(layout, 20)
         copy_blocks_cuda(src.tensor, src_ids, dst.tensor, dst_ids, plan)
         assert torch.equal(dst.gather(dst_ids), src.gather(src_ids))
     else:
-        plan = plan_pull(4, 1, 2, 1)[0]  # decode rank 1 of 2 takes heads 2..4
+        plan = plan_pull(4, 3, 1, 1, Place(1, 2))[0]  # decode rank 1 of 2 takes heads 2..4
         half = KVLayout(3, 2, 8, 2, "float16")
         dst = KVPool.allocate(half, 20)
         copy_blocks_cuda(src.tensor, src_ids, dst.tensor, dst_ids, plan)
         assert torch.equal(dst.gather(dst_ids), src.gather(src_ids)[:, :, :, :, 2:4])
     untouched = sorted(set(range(20)) - set(dst_ids))
     assert torch.count_nonzero(dst.gather(untouched)) == 0
+
+
+def test_batched_device_copy_of_a_stages_layers() -> None:
+    """cuda_ipc's gather into a decode stage: prefill PP 1 (3 layers) -> decode stage 1 of 2."""
+    from kv_transfer.cuda_ipc import copy_blocks_cuda
+    from kv_transfer.reshard import Place, plan_pull
+
+    layout = KVLayout(num_layers=3, num_kv_heads=4, head_dim=8, block_size=2, dtype="float16")
+    src = KVPool.allocate(layout, 10)
+    src.tensor.copy_(torch.randn(src.tensor.shape))
+    (plan,) = plan_pull(4, 3, 1, 1, Place(pp_rank=1, pp_size=2))  # stage 1 holds layer 2
+    dst = KVPool.allocate(KVLayout(1, 4, 8, 2, "float16"), 10)
+    copy_blocks_cuda(src.tensor, [1, 2, 3], dst.tensor, [7, 8, 9], plan)
+    assert torch.equal(dst.gather([7, 8, 9]), src.gather([1, 2, 3])[2:3])
 
 
 def test_malformed_cuda_ipc_exports_are_refused_before_opening() -> None:

@@ -1,4 +1,4 @@
-"""KV handle encoding and strict validation, layout compatibility and TP resharding plans."""
+"""KV handle encoding and strict validation, layout compatibility and TP/PP resharding plans."""
 
 from __future__ import annotations
 
@@ -10,16 +10,21 @@ import pytest
 from engine.kv_cache import KVLayout
 from kv_transfer.errors import KVHandleError, KVLayoutMismatchError
 from kv_transfer.handle import MAX_HANDLE_BYTES, KVHandle, ShardRef, runs_of
-from kv_transfer.reshard import check_compatible, plan_pull
+from kv_transfer.reshard import Place, check_compatible, plan_pull
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=8, head_dim=64, block_size=16, dtype="bfloat16")
 
 
 def shard(
-    rank: int = 0, ids: list[int] | None = None, segment: str | None = "kvp_abc", pool: int = 64
+    rank: int = 0,
+    ids: list[int] | None = None,
+    segment: str | None = "kvp_abc",
+    pool: int = 64,
+    stage: int = 0,
 ) -> ShardRef:
     return ShardRef(
         tp_rank=rank,
+        pp_rank=stage,
         address="127.0.0.1:4100",
         lease="0123456789abcdef0123456789abcdef",
         instance="00112233aabbccdd",
@@ -65,7 +70,7 @@ def test_round_trip_and_runs() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: d.update(version=2), "version 2 is not supported"),
+        (lambda d: d.update(version=3), "version 3 is not supported"),
         (lambda d: d.update(version=True), "version must be an integer"),
         (lambda d: d.update(transport="carrier-pigeon"), "transport must be one of"),
         (lambda d: d.update(extra=1), "unexpected ['extra']"),
@@ -85,7 +90,8 @@ def test_round_trip_and_runs() -> None:
         (lambda d: d["shards"][0].update(segment="../etc/passwd"), "segment must be null or"),
         (lambda d: d["shards"][0].update(segment=None), "segment name is required for shm"),
         (lambda d: d["shards"][0].update(checksum="zz"), "checksum must be 16 lowercase hex"),
-        (lambda d: d["shards"][0].update(tp_rank=1), "below tp_size 1"),
+        (lambda d: d["shards"][0].update(tp_rank=1), "and tp_size 1"),
+        (lambda d: d["shards"][0].update(pp_rank=1), "below pp_size 1"),
         (lambda d: d.update(shards=[]), "needs 1..1 shards"),
     ],
 )
@@ -141,25 +147,31 @@ def test_merge_joins_tp_shards() -> None:
 def test_layout_mismatch_names_every_difference() -> None:
     local = KVLayout(num_layers=3, num_kv_heads=8, head_dim=32, block_size=8, dtype="float16")
     with pytest.raises(KVLayoutMismatchError) as info:
-        check_compatible(LAYOUT, 1, local, 1)
+        check_compatible(LAYOUT, 1, 1, local, Place())
     text = str(info.value)
     for name in ("dtype", "head_dim", "block_size", "num_layers"):
         assert name in text
     with pytest.raises(KVLayoutMismatchError, match="num_kv_heads"):
-        check_compatible(LAYOUT, 1, KVLayout(2, 8, 64, 16, "bfloat16"), 2)
-    check_compatible(LAYOUT, 2, KVLayout(2, 4, 64, 16, "bfloat16"), 2)  # 4 heads x TP 2 = 8
+        check_compatible(LAYOUT, 1, 1, KVLayout(2, 8, 64, 16, "bfloat16"), Place(tp_size=2))
+    check_compatible(LAYOUT, 2, 1, KVLayout(2, 4, 64, 16, "bfloat16"), Place(tp_size=2))  # 4 heads x TP 2 = 8
+    # a decode stage holds its share of the layers: 1 of 2 at PP 2
+    check_compatible(LAYOUT, 1, 2, KVLayout(1, 8, 64, 16, "bfloat16"), Place(pp_rank=1, pp_size=2))
+    with pytest.raises(KVLayoutMismatchError, match="decode stage 0 of 2 holds 2 layers"):
+        check_compatible(LAYOUT, 1, 1, KVLayout(2, 8, 64, 16, "bfloat16"), Place(pp_size=2))
 
 
 def test_reshard_plans() -> None:
+    def plans(src_tp: int, at: Place, layers: int = 2, src_pp: int = 1) -> list[Any]:
+        return plan_pull(8, layers, src_tp, src_pp, at)
+
     # prefill TP=2 -> decode TP=1: both shards, each into its half, one reader each
-    plans = plan_pull(8, 2, 1, 0)
-    assert [(p.shard_rank, p.src_heads, p.dst_heads, p.full, p.readers) for p in plans] == [
+    assert [(p.shard_index, p.src_heads, p.dst_heads, p.full, p.readers) for p in plans(2, Place())] == [
         (0, slice(0, 4), slice(0, 4), False, 1),
         (1, slice(0, 4), slice(4, 8), False, 1),
     ]
     # prefill TP=1 -> decode TP=2: rank 1 takes heads 4..8 of the single shard, which has two readers
-    (p,) = plan_pull(8, 1, 2, 1)
-    assert (p.shard_rank, p.src_heads, p.dst_heads, p.reader, p.readers, p.full) == (
+    (p,) = plans(1, Place(1, 2))
+    assert (p.shard_index, p.src_heads, p.dst_heads, p.reader, p.readers, p.full) == (
         0,
         slice(4, 8),
         slice(0, 4),
@@ -168,14 +180,41 @@ def test_reshard_plans() -> None:
         False,
     )
     # equal TP: the whole shard, a plain copy
-    (p,) = plan_pull(8, 2, 2, 1)
-    assert (p.shard_rank, p.full, p.readers) == (1, True, 1)
+    (p,) = plans(2, Place(1, 2))
+    assert (p.shard_index, p.full, p.readers) == (1, True, 1)
     # 2 -> 4: rank 3 reads the upper half of shard 1
-    (p,) = plan_pull(8, 2, 4, 3)
-    assert (p.shard_rank, p.src_heads, p.dst_heads, p.reader, p.readers) == (
+    (p,) = plans(2, Place(3, 4))
+    assert (p.shard_index, p.src_heads, p.dst_heads, p.reader, p.readers) == (
         1,
         slice(2, 4),
         slice(0, 2),
         1,
         2,
     )
+
+
+def test_reshard_plans_over_pipeline_stages() -> None:
+    # prefill PP=2 -> decode PP=1 (4 layers): the one decode rank reads both stages, layers 0-1 and 2-3
+    got = plan_pull(8, 4, 1, 2, Place())
+    assert [(p.shard_index, p.src_layers, p.dst_layers, p.full, p.readers) for p in got] == [
+        (0, slice(0, 2), slice(0, 2), False, 1),
+        (1, slice(0, 2), slice(2, 4), False, 1),
+    ]
+    # prefill PP=1 -> decode PP=2: stage 1 takes layers 2-3 of the single shard, read by both stages
+    (p,) = plan_pull(8, 4, 1, 1, Place(pp_rank=1, pp_size=2))
+    assert (p.shard_index, p.src_layers, p.dst_layers, p.reader, p.readers) == (
+        0,
+        slice(2, 4),
+        slice(0, 2),
+        1,
+        2,
+    )
+    # equal (tp, pp): each decode rank copies its twin shard whole
+    (p,) = plan_pull(8, 4, 2, 2, Place(1, 2, 1, 2))
+    assert (p.shard_index, p.full, p.readers) == (3, True, 1)
+    # prefill (tp 2, pp 1) -> decode (tp 1, pp 2), 5 layers: stage 0 has layers 0-2, stage 1 layers 3-4
+    got = plan_pull(8, 5, 2, 1, Place(pp_rank=1, pp_size=2))
+    assert [(p.shard_index, p.src_layers, p.dst_heads, p.reader, p.readers) for p in got] == [
+        (0, slice(3, 5), slice(0, 4), 1, 2),
+        (1, slice(3, 5), slice(4, 8), 1, 2),
+    ]

@@ -7,6 +7,7 @@ checked byte for byte against what the prefill pool holds.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import random
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from engine.kv_cache import KVLayout, KVPool
+from engine.sharding import Stage
 from kv_transfer import (
     KVHandle,
     KVHandleError,
@@ -158,6 +160,63 @@ def test_reshard_prefill_tp1_to_decode_tp2(peer: PrefillPeer, transport: str) ->
         # the lease ends only when both decode ranks have acknowledged
         assert peer.num_free(sid) == (30 - 6 if rank == 0 else 30)
     peer(sid, "close")
+
+
+DEEP = KVLayout(num_layers=5, num_kv_heads=4, head_dim=8, block_size=4, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    ("src", "dst"), [((1, 2), (2, 1)), ((2, 1), (1, 2)), ((2, 2), (1, 2)), ((1, 2), (1, 3))]
+)
+def test_reshard_between_pipeline_stages(
+    peer: PrefillPeer, transport: str, src: tuple[int, int], dst: tuple[int, int]
+) -> None:
+    """Prefill (tp, pp) -> decode (tp, pp) with 5 layers (uneven stages): every decode rank gets
+    exactly its heads of its stage's layers, and every prefill shard's lease ends once all its
+    readers acknowledged."""
+    (src_tp, src_pp), (dst_tp, dst_pp) = src, dst
+    rng = random.Random(f"{transport}{src}{dst}")
+    sids, ids = [], []
+    for stage in range(src_pp):
+        for r in range(src_tp):
+            sid = peer.start(
+                transport, DEEP, 20, SEED, tp_size=src_tp, tp_rank=r, pp_size=src_pp, pp_rank=stage
+            )
+            sids.append(sid)
+            ids.append(lease_blocks(peer, sid, 5, 20, rng))
+    handle = KVHandle.merge([register(peer, s, i, DEEP.block_size) for s, i in zip(sids, ids, strict=True)])
+    assert handle.complete and (handle.tp_size, handle.pp_size) == src
+    logical = logical_kv(DEEP, 20, SEED)
+    for stage in range(dst_pp):
+        layers = Stage.of(DEEP.num_layers, stage, dst_pp).layers
+        for r in range(dst_tp):
+            local = dataclasses.replace(DEEP.tp_shard(dst_tp), num_layers=len(layers))
+            dst_pool = KVPool.allocate(local, 8)
+            dst_ids = rng.sample(range(8), 5)
+            config = ReceiverConfig(tp_size=dst_tp, tp_rank=r, pp_size=dst_pp, pp_rank=stage)
+            receiver = create_receiver(transport, dst_pool, config)
+            try:
+                assert receiver.pull(KVHandle.decode(handle.encode()), dst_ids).verified
+            finally:
+                receiver.close()
+            heads = head_slice(DEEP.num_kv_heads, dst_tp, r)
+            for shard_index, shard_ids in enumerate(ids):  # each prefill shard used its own block ids
+                p_stage, p_rank = divmod(shard_index, src_tp)
+                theirs = Stage.of(DEEP.num_layers, p_stage, src_pp).layers
+                common = range(max(layers.start, theirs.start), min(layers.stop, theirs.stop))
+                p_heads = head_slice(DEEP.num_kv_heads, src_tp, p_rank)
+                lo, hi = max(heads.start, p_heads.start), min(heads.stop, p_heads.stop)
+                if not common or lo >= hi:
+                    continue
+                got = dst_pool.gather(dst_ids)[common.start - layers.start : common.stop - layers.start]
+                want = logical[common.start : common.stop][:, :, shard_ids]
+                assert torch.equal(
+                    got[:, :, :, :, lo - heads.start : hi - heads.start], want[:, :, :, :, lo:hi]
+                )
+    assert [peer.num_free(s) for s in sids] == [20] * len(sids), "every lease ended"
+    for s in sids:
+        peer(s, "close")
 
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=32, block_size=8, dtype="float16")

@@ -1,5 +1,5 @@
-"""Rank 0 of a tensor-parallel engine: it starts the worker ranks, sends them each step's plan,
-runs its own shard, and watches them.
+"""Rank 0 of a parallel engine: it starts the worker ranks, sends them each step's plan, runs its
+own shard (stage 0's), and watches them.
 
 Supervision: a watcher thread polls the workers; one that exits marks the executor dead with a
 message naming the rank and its exit code. A step then fails at once (or, if the death happens
@@ -10,6 +10,7 @@ never outlive rank 0: their stdin is rank 0's pipe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,11 +29,12 @@ from engine.config import EngineConfig, ModelConfig
 from engine.errors import EngineDeadError
 from engine.kv_cache import KVPool
 from engine.parallel.channel import write_plan
-from engine.parallel.group import LOCALHOST, GroupReduce, compute_group, rendezvous
+from engine.parallel.group import LOCALHOST, RankGroups, Topology, rendezvous
 from engine.parallel.pools import describe
+from engine.parallel.relay import Sending, receive, send
 from engine.parallel.worker import config_to_json, ready_key
 from engine.runner import ForwardOutput, ModelRunner
-from engine.sharding import TPShard
+from engine.sharding import Stage, TPShard
 from engine.step_plan import StepKind, StepPlan
 
 log = logging.getLogger(__name__)
@@ -44,15 +47,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class TensorParallelExecutor:
-    """Runs step plans on all `config.tp_size` ranks. `pools`: every rank's KV pool, made by the
-    caller so that rank 0 can reach them all (shared memory on CPU, rank r's GPU on CUDA; see
-    engine.parallel.pools), or None (each rank allocates its own)."""
+@dataclass
+class InFlight:
+    """A step rank 0 has launched: its part is done, the rest of the pipeline may still run."""
+
+    plan: StepPlan
+    output: ForwardOutput | None  # the whole step's, when rank 0 holds the last stage
+    sending: Sending | None  # rank 0's hidden states on their way to stage 1
+    times: list[tuple[float, float]]  # rank 0's (start, end)
+
+
+class ParallelExecutor:
+    """Runs step plans on all tp_size x pp_size ranks. `pools`: every rank's KV pool, made by the
+    caller so that rank 0 can reach them all (shared memory on CPU, the rank's GPU on CUDA; see
+    engine.parallel.pools), or None (each rank allocates its own).
+
+    launch() sends the plan to the workers and runs rank 0's stage; with pp > 1 it returns while
+    the later stages still work, so rank 0 can launch the next micro-batch into stage 0 at once.
+    complete() waits for the step's logits (from the last stage) in launch order."""
 
     def __init__(self, config: EngineConfig, pools: Sequence[KVPool] | None = None) -> None:
-        size = config.tp_size
+        self.topology = Topology(config.tp_size, config.pp_size)
+        size = self.topology.size
         if pools is not None and len(pools) != size:
-            raise ValueError(f"a tensor-parallel engine of {size} ranks needs {size} pools, got {len(pools)}")
+            raise ValueError(f"a parallel engine of {size} ranks needs {size} pools, got {len(pools)}")
         self.config = config
         self._dead: str | None = None
         self._lock = threading.Lock()
@@ -60,16 +78,19 @@ class TensorParallelExecutor:
         self._store = rendezvous(port, 0, size, config.tp_timeout_s)
         self._workers = [self._spawn(rank, port, pools) for rank in range(1, size)]
         try:
-            shard = TPShard.of(ModelConfig.from_dir(config.model_dir), 0, size)
-            reduce = GroupReduce()
+            mc = ModelConfig.from_dir(config.model_dir)
+            shard, stage = TPShard.of(mc, 0, config.tp_size), Stage.of(mc.num_layers, 0, config.pp_size)
+            self.groups = RankGroups(self.topology, 0)
             device = torch.device(config.rank_device(0))
-            self.runner = ModelRunner(config, shard, device, pools[0] if pools else None, reduce)
+            reduce = self.groups.all_reduce if shard.size > 1 else None
+            self.runner = ModelRunner(config, shard, device, pools[0] if pools else None, reduce, stage)
             self._wait_ready()
-            reduce.group = compute_group(self._store, 0, size, device, config.tp_timeout_s)
+            self.groups.form(self._store, device, config.tp_timeout_s)
         except BaseException:
             self._kill()
             raise
-        self._watcher = threading.Thread(target=self._watch, name="tp-watch", daemon=True)
+        self._vocab = mc.vocab_size
+        self._watcher = threading.Thread(target=self._watch, name="engine-ranks-watch", daemon=True)
         self._watcher.start()
 
     @property
@@ -82,17 +103,40 @@ class TensorParallelExecutor:
         return [p.pid for p in self._workers]
 
     def run(self, plan: StepPlan) -> ForwardOutput:
-        """Runs a plan on every rank; raises EngineDeadError once a worker has died."""
+        """A whole step on every rank."""
+        return self.complete(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> InFlight:
+        """Sends the plan to every worker and runs rank 0's stage; raises EngineDeadError once a
+        rank has died."""
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        try:
+        with self._failing():
             for proc in self._workers:
                 assert proc.stdin is not None
                 write_plan(proc.stdin, plan)
-            return self.runner.run(plan)
-        except (OSError, RuntimeError) as exc:  # a broken pipe, or a collective that lost a peer
-            self._fail(self._exited(wait_s=2.0) or f"tensor-parallel step failed: {exc}")
-            raise EngineDeadError(self._dead or str(exc)) from exc
+            start = time.monotonic()
+            out = self.runner.run(plan)
+            times = [(start, time.monotonic())]
+            if self.topology.pp == 1:
+                return InFlight(plan, out._replace(stage_times=times), None, times)
+            assert out.hidden is not None and self.groups.next is not None
+            return InFlight(plan, None, send(self.groups.next, 1, out.hidden, out.seq_ids, times), times)
+
+    def complete(self, flight: InFlight) -> ForwardOutput:
+        """The step's logits (rank 0 samples from them), with every stage's (start, end)."""
+        if flight.output is not None:
+            return flight.output
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        with self._failing():
+            assert flight.sending is not None and self.groups.out is not None
+            flight.sending.wait()
+            n = len(flight.plan.seq_ids)
+            got = receive(
+                self.groups.out, 1, (n, self._vocab), torch.float32, self.runner.device, n, self.topology.pp
+            )
+            return ForwardOutput(got.tensor, got.order, None, got.times)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stops every worker (STOP, then SIGKILL after `timeout_s`). Idempotent."""
@@ -119,8 +163,7 @@ class TensorParallelExecutor:
     def _spawn(self, rank: int, port: int, pools: Sequence[KVPool] | None) -> subprocess.Popen[bytes]:
         pool = describe(pools[rank] if pools is not None else None)
         cmd = [
-            _python(), "-m", "engine.parallel.worker", "--rank", str(rank), "--size", str(self.config.tp_size),
-            "--store-port", str(port), "--config", config_to_json(self.config), "--pool", pool,
+            _python(), "-m", "engine.parallel.worker", "--rank", str(rank), "--store-port", str(port), "--config", config_to_json(self.config), "--pool", pool,
         ]  # fmt: skip
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, env=_worker_env())
 
@@ -137,9 +180,12 @@ class TensorParallelExecutor:
                     del waiting[rank]
             if time.monotonic() > deadline:
                 raise EngineDeadError(
-                    f"tensor-parallel ranks {sorted(waiting)} not ready in {self.config.tp_timeout_s:g} s"
+                    f"engine ranks {sorted(waiting)} not ready in {self.config.tp_timeout_s:g} s"
                 )
             time.sleep(POLL_S)
+
+    def _rank_name(self, rank: int) -> str:
+        return f"tensor-parallel rank {rank}" if self.topology.pp == 1 else f"engine rank {rank}"
 
     def _watch(self) -> None:
         while self._dead is None:
@@ -155,7 +201,11 @@ class TensorParallelExecutor:
         while True:
             for rank, proc in enumerate(self._workers, start=1):
                 if proc.poll() is not None:
-                    return f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.returncode}"
+                    stage, t = self.topology.place(rank)
+                    return (
+                        f"{self._rank_name(rank)} (stage {stage}, tensor-parallel rank {t}; pid {proc.pid}) "
+                        f"exited with code {proc.returncode}"
+                    )
             if time.monotonic() >= deadline:
                 return None
             time.sleep(POLL_S / 4)
@@ -165,6 +215,15 @@ class TensorParallelExecutor:
             if self._dead is None:
                 self._dead = reason
                 log.error("engine out of service: %s", reason)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A broken pipe or a collective that lost a peer takes the engine out of service."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            self._fail(self._exited(wait_s=2.0) or f"parallel engine step failed: {exc}")
+            raise EngineDeadError(self._dead or str(exc)) from exc
 
     def _kill(self) -> None:
         for proc in self._workers:
