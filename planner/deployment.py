@@ -68,19 +68,25 @@ class Deployment:
 
 
 def default_deployment(
-    model_dir: str, device: str = "cpu", num_blocks: int = 1024, prefill_tp: int = 1, decode_tp: int = 1
+    model_dir: str,
+    device: str = "cpu",
+    num_blocks: int = 1024,
+    prefill_tp: int = 1,
+    decode_tp: int = 1,
+    prefill_pp: int = 1,
+    decode_pp: int = 1,
 ) -> Deployment:
-    """One prefill (tensor-parallel over `prefill_tp` ranks), one decode (over `decode_tp`), one
-    colocated at TP 1 and the orchestrator, each with `num_blocks` KV blocks of 16 tokens (a few MB
-    for the tiny default model, 46 KB per token for SmolLM2-135M). On CUDA the instances' ranks
-    take GPUs 0, 1, ... (all instances from GPU 0 up); on CPU every rank is a process of its own."""
+    """One prefill (over prefill_tp x prefill_pp ranks), one decode (decode_tp x decode_pp), one
+    colocated at TP 1, PP 1 and the orchestrator, each with `num_blocks` KV blocks of 16 tokens (a
+    few MB for the tiny default model, 46 KB per token for SmolLM2-135M). On CUDA the instances'
+    ranks take GPUs 0, 1, ... (all instances from GPU 0 up); on CPU every rank is a process."""
     transport = "cuda_ipc" if device == "cuda" else "shm"
     dtype = "float16" if device == "cuda" else "float32"
     # On CPU the model processes share the cores: one torch thread each avoids oversubscription.
     threads = 1 if device == "cpu" else None
 
-    def engine(tp: int) -> EngineParams:
-        ids = tuple(range(tp)) if device == "cuda" else ()
+    def engine(tp: int, pp: int = 1) -> EngineParams:
+        ids = tuple(range(tp * pp)) if device == "cuda" else ()
         return EngineParams(
             model_dir,
             device,
@@ -88,14 +94,15 @@ def default_deployment(
             num_blocks=num_blocks,
             max_num_seqs=64,
             tp_size=tp,
+            pp_size=pp,
             num_threads=threads,
             device_ids=ids,
             kv_transport=transport,
         )
 
     return Deployment(
-        prefill=(ReplicaSpec("prefill", "prefill", engine(prefill_tp)),),
-        decode=(ReplicaSpec("decode", "decode", engine(decode_tp)),),
+        prefill=(ReplicaSpec("prefill", "prefill", engine(prefill_tp, prefill_pp)),),
+        decode=(ReplicaSpec("decode", "decode", engine(decode_tp, decode_pp)),),
         orchestrator=OrchestratorParams(model_dir),
         colocated=ReplicaSpec("colocated", "colocated", engine(1)),
     )

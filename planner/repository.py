@@ -2,10 +2,10 @@
 ModelConfig protobuf) and a thin 1/model.py importing the model class from backends.<role>.
 
     python -m planner.repository --out model_repository [--model-dir models/tiny-llama] [--device cpu]
-        [--prefill-tp N] [--decode-tp N] [--num-blocks N]
+        [--prefill-tp N] [--decode-tp N] [--prefill-pp N] [--decode-pp N] [--num-blocks N]
 
 writes the default deployment (what `make serve` runs): one prefill, one decode (each with its own
-tensor-parallel degree), a colocated model at TP 1 and the orchestrator. Output is deterministic:
+tensor- and pipeline-parallel degrees), a colocated model at TP 1, PP 1 and the orchestrator. Output is deterministic:
 the same deployment always gives byte-identical files."""
 
 from __future__ import annotations
@@ -124,10 +124,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--prefill-tp", type=int, default=1, help="tensor-parallel degree of the prefill instance"
     )
     ap.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of the decode instance")
+    ap.add_argument("--prefill-pp", type=int, default=1, help="pipeline stages of the prefill instance")
+    ap.add_argument("--decode-pp", type=int, default=1, help="pipeline stages of the decode instance")
     args = ap.parse_args(argv)
     try:
         model_dir = relative_model_dir(args.model_dir, args.out)
-        dep = default_deployment(model_dir, args.device, args.num_blocks, args.prefill_tp, args.decode_tp)
+        dep = default_deployment(
+            model_dir,
+            args.device,
+            args.num_blocks,
+            args.prefill_tp,
+            args.decode_tp,
+            args.prefill_pp,
+            args.decode_pp,
+        )
         names = write_repository(dep, args.out)
     except (PlannerError, ParameterError) as exc:
         print(f"error: {exc}", file=sys.stderr)

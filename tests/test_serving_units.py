@@ -203,8 +203,18 @@ def test_engine_config_from_parameters(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"no config\.json"):
         engine_config({"model_dir": "nowhere"}, root)
     assert engine_config({"model_dir": tiny_model_dir.name, "tp_size": "2"}, root).tp_size == 2
-    with pytest.raises(ValueError, match="pp_size = 2: the built-in engine does not run pipeline-parallel"):
-        engine_config({"model_dir": tiny_model_dir.name, "pp_size": "2"}, root)
+    assert engine_config({"model_dir": tiny_model_dir.name, "pp_size": "2"}, root).world_size == 2
+    with pytest.raises(ValueError, match=r"must name one GPU per rank \(4: tp_size x pp_size\)"):
+        engine_config(
+            {
+                "model_dir": tiny_model_dir.name,
+                "device": "cuda",
+                "device_ids": "0,1",
+                "tp_size": "2",
+                "pp_size": "2",
+            },
+            root,
+        )
     assert cfg.decode_attention == "auto"
     paged = engine_config({"model_dir": tiny_model_dir.name, "decode_attention": "paged"}, root)
     assert paged.decode_attention == "paged"

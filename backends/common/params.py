@@ -121,7 +121,9 @@ class EngineParams(ParamGroup):
         "decode attention over a dense cache or the paged pool",
         choices=DECODE_ATTENTION,
     )
-    device_ids: tuple[int, ...] = param((), "node-local GPU ids of the instance, one per rank (CUDA only)")
+    device_ids: tuple[int, ...] = param(
+        (), "node-local GPU ids of the instance, one per rank, stage-major (CUDA only)"
+    )
     kv_transport: str = param("shm", "how decode pulls KV from prefill", choices=KV_TRANSPORTS)
     kv_lease_seconds: float = param(
         30.0, "seconds leased KV waits for a decode instance to pull it", minimum=1e-3
@@ -142,17 +144,13 @@ class EngineParams(ParamGroup):
 
     def engine_config(self, repository_root: str | Path) -> EngineConfig:
         """The EngineConfig of this instance (model_dir resolved against the repository)."""
-        if self.pp_size != 1:
+        ranks = self.tp_size * self.pp_size
+        if self.device == "cuda" and len(self.device_ids) != ranks:
             raise ParameterError(
-                f"parameter pp_size = {self.pp_size}: the built-in engine does not run pipeline-parallel "
-                "instances yet (tensor parallelism, tp_size, it does)"
+                f"device_ids {self.device_ids} must name one GPU per rank ({ranks}: tp_size x pp_size)"
             )
-        if self.device == "cuda" and len(self.device_ids) != self.tp_size:
-            raise ParameterError(
-                f"device_ids {self.device_ids} must name one GPU per rank (tp_size {self.tp_size})"
-            )
-        tp_ids = self.device_ids if self.tp_size > 1 else ()
-        device = f"cuda:{self.device_ids[0]}" if self.device == "cuda" and not tp_ids else self.device
+        rank_ids = self.device_ids if ranks > 1 else ()
+        device = f"cuda:{self.device_ids[0]}" if self.device == "cuda" and not rank_ids else self.device
         return EngineConfig(
             model_dir=resolve_model_dir(self.model_dir, repository_root),
             device=device,
@@ -165,7 +163,8 @@ class EngineParams(ParamGroup):
             num_threads=self.num_threads,
             decode_attention=self.decode_attention,
             tp_size=self.tp_size,
-            device_ids=tp_ids,
+            pp_size=self.pp_size,
+            device_ids=rank_ids,
         )
 
 

@@ -26,10 +26,11 @@ class RankPools:
         self.pools: list[KVPool] | None = None
         if not shared:
             return
-        layout, prefix = kv_layout_for(config), kv_segment_prefix(os.getpgrp())
+        prefix = kv_segment_prefix(os.getpgrp())
         self.pools = []
         try:
-            for rank in range(config.tp_size):
+            for rank in range(config.world_size):  # stage-major: rank = stage * tp_size + t
+                layout = kv_layout_for(config, stage=rank // config.tp_size)
                 if config.device == "cpu":
                     self.pools.append(
                         ShmKVPool.create(layout, config.num_blocks, prefix + secrets.token_hex(6))

@@ -36,12 +36,12 @@ class TritonPythonModel:
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
         engine_config = params.engine_config(root)
-        # With tensor parallelism rank 0 pulls every rank's KV heads: the pools are shared with it.
-        self.pools = RankPools(engine_config, shared=engine_config.tp_size > 1)
+        # With several ranks rank 0 pulls every rank's KV (its heads of its stage's layers): the
+        # pools are shared with it.
+        self.pools = RankPools(engine_config, shared=engine_config.world_size > 1)
         self.engine = LLMEngine(engine_config, self.pools.pools)
-        self.receiver = InstanceReceiver(
-            params.kv_transport, self.pools.pools or [self.engine.pool], ReceiverConfig()
-        )
+        pools = self.pools.pools or [self.engine.pool]
+        self.receiver = InstanceReceiver(params.kv_transport, pools, ReceiverConfig(), engine_config.pp_size)
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
         # Tokens go out from the outbox's thread: the decode loop never waits on a send.

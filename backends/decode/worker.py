@@ -2,7 +2,9 @@
 
 One thread owns the engine. Each loop iteration: take new jobs, admit those whose whole life fits
 in memory (their KV then streams in on a transfer thread while decoding goes on), drop cancelled
-ones, and run one decode step over every running sequence, sending each new token at once.
+ones, and run one decode step over every running sequence, sending each new token at once. With
+pipeline parallelism the running sequences form pp micro-batches (micro_batches.py): every idle
+one is launched into stage 0, then the oldest in flight completes.
 Invariants: a job ends with exactly one final response or error; every block a job took is freed
 when it ends (finished, cancelled, failed transfer); a job not yet admitted holds no decode memory
 (its KV waits in the prefill instance's pool, under lease). A job waiting for memory or for its KV
@@ -23,6 +25,7 @@ from typing import NamedTuple
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink
 from backends.common.worker_loop import WorkerLoop
+from backends.decode.micro_batches import MicroBatches
 from backends.message import ABORT, DecodeChunk
 from engine.engine import LLMEngine
 from engine.scheduler import fits
@@ -77,6 +80,7 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
         self._transferring: set[DecodeJob] = set()
         self._arrived: queue.SimpleQueue[tuple[DecodeJob, BaseException | None]] = queue.SimpleQueue()
         self._running: dict[Sequence, DecodeJob] = {}
+        self._batches = MicroBatches(engine.config.pp_size)
         self._transfers = ThreadPoolExecutor(transfer_threads, thread_name_prefix="kv-pull")
         self._failed: str | None = None  # every job ends with this error (the engine died)
         self._update_gauges()
@@ -131,9 +135,8 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
             self._release_remote(job)
             self._abort(job)
         for seq, job in list(self._running.items()):
-            if job.gone():
-                del self._running[seq]
-                self.engine.free(seq)
+            if job.gone() and not self._batches.in_flight(seq):  # else: once its step is back
+                self._retire(seq)
                 self._abort(job)
 
     def _heartbeat(self) -> None:
@@ -201,20 +204,34 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
             else:
                 job.seq.status = Status.RUNNING
                 self._running[job.seq] = job
+                self._batches.add(job.seq)
 
     def _step(self) -> None:
-        seqs = list(self._running)
-        tokens = self.engine.decode_step(seqs)
-        self.metrics.batch_size.observe(len(seqs))
+        """Launches every micro-batch that is not in flight, then completes the oldest one."""
+        for batch in self._batches.ready():
+            self._batches.launched(batch, self.engine.launch_decode(list(batch.seqs)))
+            self.metrics.batch_size.observe(len(batch.seqs))
+        oldest = self._batches.oldest()
+        if oldest is None:
+            return
+        assert oldest.step is not None
+        seqs = oldest.step.seqs
+        tokens = self.engine.complete(oldest.step)
+        self._batches.landed()
         for seq, token in zip(seqs, tokens, strict=True):
             job = self._running[seq]
             if seq.finished:
-                del self._running[seq]
-                self.engine.free(seq)
+                self._retire(seq)
                 self._end(job, DecodeChunk(output_ids=(token,), finish_reason=seq.finish_reason or ""))
             else:
                 job.sink.send(DecodeChunk(output_ids=(token,)), final=False)
         self._update_gauges()
+
+    def _retire(self, seq: Sequence) -> None:
+        """A running sequence leaves: its micro-batch, the running set, its blocks."""
+        del self._running[seq]
+        self._batches.remove(seq)
+        self.engine.free(seq)
 
     # ---- endings ---------------------------------------------------------------------------
 
@@ -225,6 +242,9 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
             log.warning("could not cancel KV lease: %s", exc)
 
     def _fail_running(self, message: str) -> None:
+        """Ends every running job with `message`, steps in flight included (the engine died, or
+        an iteration failed with them half done)."""
+        self._batches.clear()
         for seq, job in list(self._running.items()):
             del self._running[seq]
             self.engine.free(seq)

@@ -29,15 +29,17 @@ class TritonPythonModel:
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
         engine_config = params.engine_config(root)
-        # shm: the pools live in named segments that decode instances map read-only; with tensor
-        # parallelism rank 0 leases every rank's pool, so they are shared with it too.
-        self.pools = RankPools(engine_config, params.kv_transport == "shm" or engine_config.tp_size > 1)
+        # shm: the pools live in named segments that decode instances map read-only; with several
+        # ranks rank 0 leases every rank's pool, so they are shared with it too.
+        self.pools = RankPools(engine_config, params.kv_transport == "shm" or engine_config.world_size > 1)
         self.engine = LLMEngine(engine_config, self.pools.pools)
         self.sender = InstanceSender(
             params.kv_transport,
             self.pools.pools or [self.engine.pool],
             self.engine.blocks,
             SenderConfig(port=params.kv_port, lease_ttl_s=params.kv_lease_seconds),
+            pp_size=engine_config.pp_size,
+            model_layers=self.engine.model_config.num_layers,
         )
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])

@@ -1,7 +1,9 @@
 """The prefill instance's engine loop: batch prompts by a token budget, prefill, lease the KV.
 
 A batch takes waiting prompts in arrival order while their total length fits the token budget
-(a longer prompt runs alone) and their prompt blocks fit the free pool. After prefill each
+(a longer prompt runs alone) and their prompt blocks fit the free pool. The budget is DistServe's
+L_m, the tokens that saturate a stage: with pp stages, batches filled to it take similar times in
+every stage, and a new one enters stage 0 as soon as stage 0 is free (up to pp in flight). After prefill each
 sequence's blocks go under a KV lease (the lease holds its own reference; the engine drops its
 own), and the request is answered with the first token and the handle. Prefill memory is the
 queue buffer between the phases: when leases fill the pool, batching waits, and decode pulling
@@ -20,7 +22,7 @@ from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink
 from backends.common.worker_loop import WorkerLoop
 from backends.message import PrefillResult
-from engine.engine import LLMEngine
+from engine.engine import LLMEngine, Step
 from engine.sequence import Sequence
 from kv_transfer.instance import InstanceSender
 
@@ -52,6 +54,9 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
         self.sender = sender
         self.metrics = metrics or PrefillMetrics()
         self._waiting: deque[PrefillJob] = deque()
+        # Batches launched and not yet completed, oldest first: with pp stages up to pp are in the
+        # pipeline at once (a new batch enters stage 0 as soon as stage 0 is free).
+        self._in_flight: deque[tuple[Step, list[PrefillJob]]] = deque()
         self._update_gauges()
         self.start()
 
@@ -65,24 +70,35 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
             self._waiting.remove(job)
             self.metrics.cancelled.increment(1)
         self._update_gauges()
-        batch = self._next_batch()
-        if batch:
-            self._run_batch(batch)
+        while len(self._in_flight) < self.engine.config.pp_size and (batch := self._next_batch()):
+            self._launch(batch)
+        if self._in_flight:
+            self._complete(*self._in_flight.popleft())
         else:
             # Nothing fits yet: wait for a request, or for leases to free blocks.
             self.idle(0.02 if self._waiting else 0.2)
 
     def on_failure(self, exc: Exception) -> None:
-        pass  # _run_batch ends its own jobs on failure; waiting jobs are untouched
+        # _launch and _complete end their own jobs on failure; waiting jobs are untouched.
+        pass
 
     def shutdown(self) -> None:
         self._waiting.extend(self.take_new())
         self._fail_waiting("prefill instance is shutting down")
 
     def _fail_waiting(self, message: str) -> None:
+        """Ends every job not yet prefilled, batches in flight included."""
+        for _, batch in self._in_flight:
+            self._fail_batch(batch, message)
+        self._in_flight.clear()
         for job in self._waiting:
             job.sink.error(message)
         self._waiting.clear()
+
+    def _fail_batch(self, batch: list[PrefillJob], message: str) -> None:
+        for job in batch:
+            self.engine.free(job.seq)
+            job.sink.error(message)
 
     def _next_batch(self) -> list[PrefillJob]:
         budget = self.engine.config.max_num_batched_tokens
@@ -102,20 +118,28 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
             self._waiting.popleft()
         return batch
 
-    def _run_batch(self, batch: list[PrefillJob]) -> None:
+    def _launch(self, batch: list[PrefillJob]) -> None:
         now = time.perf_counter()
         seqs = [j.seq for j in batch]
         try:
-            self.engine.prefill(seqs)
+            step = self.engine.launch_prefill(seqs)
         except Exception as exc:
             log.exception("prefill failed")
-            for job in batch:
-                self.engine.free(job.seq)
-                job.sink.error(f"prefill failed: {exc}")
+            self._fail_batch(batch, f"prefill failed: {exc}")
             return
         self.metrics.batch_tokens.observe(sum(s.prompt_len for s in seqs))
         for job in batch:
             self.metrics.queue_seconds.observe(now - job.arrived)
+        self._in_flight.append((step, batch))
+
+    def _complete(self, step: Step, batch: list[PrefillJob]) -> None:
+        try:
+            self.engine.complete(step)
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._fail_batch(batch, f"prefill failed: {exc}")
+            return
+        for job in batch:
             seq = job.seq
             handle = b""
             try:

@@ -1,7 +1,8 @@
-"""Tensor-parallel instances on a real tritonserver: prefill TP=2 -> decode TP=1 and prefill TP=1
--> decode TP=2 give exactly colocated TP=1's tokens, leave every KV block free and no lease; a
-worker rank killed mid-stream gives the clients an error, not a hang; a bad request never reaches
-the workers; stopping the server leaves no worker process and no shared-memory segment."""
+"""Tensor- and pipeline-parallel instances on a real tritonserver: prefill TP=2 -> decode TP=1,
+TP=1 -> TP=2, PP=2 -> PP=1 and PP=1 -> PP=2 give exactly colocated (TP 1, PP 1)'s tokens, leave
+every KV block free on every rank and stage and no lease; a worker rank (a tensor-parallel rank or a
+pipeline stage) killed mid-stream gives the clients an error, not a hang; a bad request never
+reaches the workers; stopping the server leaves no worker process and no shared-memory segment."""
 
 from __future__ import annotations
 
@@ -30,10 +31,14 @@ NUM_BLOCKS = 256
 STREAMS = 16
 
 
-def tp_repository(out: Path, model_dir: Path, prefill_tp: int, decode_tp: int) -> Path:
-    """The repository `python -m planner.repository --prefill-tp P --decode-tp D` writes."""
+def parallel_repository(
+    out: Path, model_dir: Path, prefill: tuple[int, int], decode: tuple[int, int]
+) -> Path:
+    """What `python -m planner.repository --prefill-tp --prefill-pp --decode-tp --decode-pp` writes
+    for prefill (tp, pp) and decode (tp, pp)."""
+    model = str(model_dir.resolve())
     write_repository(
-        default_deployment(str(model_dir.resolve()), "cpu", NUM_BLOCKS, prefill_tp, decode_tp), out
+        default_deployment(model, "cpu", NUM_BLOCKS, prefill[0], decode[0], prefill[1], decode[1]), out
     )
     # Short enough to keep the fault test quick, long enough that a loaded CI machine never trips it.
     set_parameter(out, "orchestrator", "decode_stall_timeout_seconds", "6")
@@ -41,7 +46,7 @@ def tp_repository(out: Path, model_dir: Path, prefill_tp: int, decode_tp: int) -
 
 
 def workers_of(repo: Path, model: str) -> list[int]:
-    """The tensor-parallel worker processes the model's stub (rank 0) started."""
+    """The worker processes (ranks 1..) the model's stub (rank 0) started."""
     [stub] = stub_pids(repo, model)
     children = subprocess.run(["pgrep", "-P", str(stub)], capture_output=True, text=True, check=False).stdout
     return [
@@ -57,15 +62,21 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.fixture(
-    scope="module", params=[(2, 1), (1, 2)], ids=["prefill-tp2-decode-tp1", "prefill-tp1-decode-tp2"]
-)
+CONFIGS = {  # prefill (tp, pp), decode (tp, pp)
+    "prefill-tp2-decode-tp1": ((2, 1), (1, 1)),
+    "prefill-tp1-decode-tp2": ((1, 1), (2, 1)),
+    "prefill-pp2-decode-pp1": ((1, 2), (1, 1)),
+    "prefill-pp1-decode-pp2": ((1, 1), (1, 2)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS.values()), ids=list(CONFIGS))
 def server(
     request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TritonServer]:
-    prefill_tp, decode_tp = request.param
-    work = tmp_path_factory.mktemp(f"tp{prefill_tp}{decode_tp}")
-    srv = start_tritonserver(tp_repository(work / "repo", tiny_model_dir, prefill_tp, decode_tp), work)
+    prefill, decode = request.param
+    work = tmp_path_factory.mktemp(f"parallel{prefill[0]}{prefill[1]}{decode[0]}{decode[1]}")
+    srv = start_tritonserver(parallel_repository(work / "repo", tiny_model_dir, prefill, decode), work)
     yield srv
     srv.stop()
 
@@ -107,8 +118,8 @@ def test_bad_request_is_refused_before_the_workers(server: TritonServer) -> None
 
 
 def test_killed_worker_rank_gives_an_error_not_a_hang(server: TritonServer) -> None:
-    """Last in the module: the instance stays out of service afterwards. A decode rank killed
-    mid-stream fails that stream; a prefill rank killed fails the next request's prefill."""
+    """Last for each server: the instance stays out of service afterwards. A decode rank (or stage)
+    killed mid-stream fails that stream; a prefill one killed fails the next request's prefill."""
     repo = server.config.model_repository
     tp_model = "prefill" if workers_of(repo, "prefill") else "decode"
     [worker] = workers_of(repo, tp_model)
@@ -143,10 +154,8 @@ def test_killed_worker_rank_gives_an_error_not_a_hang(server: TritonServer) -> N
         [refused] = stream_many(server.grpc_url, "orchestrator", [client_inputs("Hello", 4)], timeout=60)
         if (refused.error is not None and "out of service" in refused.error) or time.monotonic() > deadline:
             break
-    assert (
-        refused.error is not None
-        and f"{tp_model} instance out of service: tensor-parallel rank 1" in refused.error
-    )
+    assert refused.error is not None and f"{tp_model} instance out of service:" in refused.error
+    assert "rank 1" in refused.error and "exited with code -9" in refused.error
     [coloc] = stream_many(server.grpc_url, "colocated", [client_inputs("Hello", 4)], timeout=60)
     assert coloc.error is None and len(coloc.output_ids) == 4
 
@@ -154,14 +163,14 @@ def test_killed_worker_rank_gives_an_error_not_a_hang(server: TritonServer) -> N
 def test_stopping_the_server_leaves_no_worker_and_no_segment(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    work = tmp_path_factory.mktemp("tpstop")
-    repo = tp_repository(work / "repo", tiny_model_dir, 2, 2)
+    work = tmp_path_factory.mktemp("parallelstop")
+    repo = parallel_repository(work / "repo", tiny_model_dir, (2, 1), (1, 2))
     server = start_tritonserver(repo, work)
     try:
         pgid = server.pid
         workers = workers_of(repo, "prefill") + workers_of(repo, "decode")
         assert len(workers) == 2 and all(alive(p) for p in workers)
-        # Prefill: both ranks' pools (decode instances read them); decode: both ranks' (rank 0
+        # Prefill: both ranks' pools (decode instances read them); decode: both stages' (rank 0
         # pulls into them).
         assert len(kv_segments(pgid)) == 4
         [ok] = stream_many(server.grpc_url, "orchestrator", [client_inputs("Hello", 6)])
