@@ -2,10 +2,12 @@
 model, same run.
 
     python -m engine.bench [--model DIR] [--batches 1,8,32] [--prompt-len 64] [--new-tokens 64]
-                           [--decode-attention auto|dense|paged] [--repeats 3] [--tp N]
+                           [--decode-attention auto|dense|paged] [--repeats 3] [--tp N | --pp N]
 
 With --tp N the engine at TP=1 (N threads) is measured against the engine at TP=N (N processes of
-one thread each): the same cores, split differently.
+one thread each): the same cores, split differently. With --pp N, the same for PP=N, on a stream
+of prefill batches and on decode micro-batches, with the time the stages overlapped
+(engine/bench_pipeline.py).
 
 Both sides get the same random prompts (equal lengths, so transformers needs no padding) and
 generate exactly --new-tokens tokens greedily (EOS ignored). Prefill throughput is prompt tokens
@@ -24,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from engine.bench_pipeline import decode_stream, prefill_stream, report
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling import SamplingParams
@@ -113,21 +116,27 @@ def main() -> None:
     parser.add_argument("--decode-attention", default="auto", choices=["auto", "dense", "paged"])
     parser.add_argument("--repeats", type=int, default=3, help="best of N alternating runs per measurement")
     parser.add_argument("--tp", type=int, default=1, help="compare TP=1 with TP=N instead of transformers")
+    parser.add_argument("--pp", type=int, default=1, help="compare PP=1 with PP=N (pipelined) instead")
+    parser.add_argument("--stream", type=int, default=8, help="--pp: prefill batches in the stream")
     args = parser.parse_args()
 
     batches = [int(b) for b in args.batches.split(",")]
 
-    def engine(tp: int) -> LLMEngine:
+    def engine(tp: int, pp: int = 1) -> LLMEngine:
         config = EngineConfig(
             model_dir=args.model,
-            num_blocks=4096,
+            num_blocks=8192,
             max_num_seqs=max(batches),
             decode_attention=args.decode_attention,
             tp_size=tp,
-            num_threads=1 if tp > 1 else None,
+            pp_size=pp,
+            num_threads=1 if tp * pp > 1 else None,
         )
         return LLMEngine(config)
 
+    if args.pp > 1:
+        pipelines(args.model, engine(1), engine(1, args.pp), batches, args)
+        return
     base = engine(1)
     threads = torch.get_num_threads()
     closing: list[LLMEngine] = []
@@ -157,6 +166,49 @@ def main() -> None:
     finally:
         for e in closing:
             e.close()
+
+
+def pipelines(
+    model: str, base: LLMEngine, pipe: LLMEngine, batches: list[int], args: argparse.Namespace
+) -> None:
+    """PP=1 (on pp threads) against PP=pp (pp processes of one thread), side by side per batch size."""
+    pp, vocab = args.pp, base.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+
+    def on(engine: LLMEngine) -> LLMEngine:
+        torch.set_num_threads(pp if engine is base else 1)
+        return engine
+
+    gc.collect()
+    gc.freeze()
+    print(
+        f"model {model}, prompt {args.prompt_len} tokens, PP=1 on {pp} threads vs PP={pp} on {pp} processes of 1 thread"
+    )
+    try:
+        for batch in batches:
+            before = snapshot()
+            prompts = torch.randint(3, vocab, (max(batch, pp), args.prompt_len), generator=gen).tolist()
+            stream = [prompts[:batch]] * args.stream
+            alone = (on(base), on(pipe))
+            for e in alone:  # warm-up
+                on(e)
+                prefill_stream(e, stream[:2])
+            one, many = prefill_stream(on(base), stream), prefill_stream(on(pipe), stream)
+            t = (prefill_stream(on(base), stream[:1]).seconds, prefill_stream(on(pipe), stream[:1]).seconds)
+            print(f"batch {batch}: " + report(f"prefill, {args.stream} batches", one, many, t, pp))
+            micro = prompts[: max(batch, pp) // pp]
+            one = decode_stream(on(base), prompts, args.new_tokens)
+            many = decode_stream(on(pipe), prompts, args.new_tokens)
+            steps = 4
+            t = (
+                decode_stream(on(base), micro, steps).seconds / steps,
+                decode_stream(on(pipe), micro, steps).seconds / steps,
+            )
+            name = f"decode, {len(prompts)} sequences in {pp} micro-batches"
+            print(f"batch {batch}: " + report(name, one, many, t, pp))
+            print(f"batch {batch}: [{usage(before, snapshot()).cores_stolen:.2f} cores stolen]")
+    finally:
+        pipe.close()
 
 
 if __name__ == "__main__":
