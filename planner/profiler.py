@@ -3,7 +3,11 @@
     python -m planner profile --model DIR --device cpu|cuda --out profile.json
 
 The output has the format of the published profiles (planner.profile), under the model's name and
-the tensor-parallel degree measured (`--tp N`: the engine's TP=N instance, one process per rank)."""
+the tensor-parallel degree measured (`--tp N`: the engine's TP=N instance, one process per rank).
+With `--pp N` the engine runs N pipeline stages and each timed step goes through all of them (the
+whole-pipeline latency of one batch, hops included); the format has no pipeline key, so such a
+profile is written under the model name with "@ppN" appended: it is there to check the planner's
+pipeline model (a stage takes 1/pp of the whole-model time plus a hop), not to plan from."""
 
 from __future__ import annotations
 
@@ -68,7 +72,7 @@ def _timer(device: str) -> Callable[[], float]:
 
 
 def measure(
-    model_dir: str, device: str, grid: ProfileGrid, num_threads: int | None = None, tp: int = 1
+    model_dir: str, device: str, grid: ProfileGrid, num_threads: int | None = None, tp: int = 1, pp: int = 1
 ) -> tuple[list[PrefillSample], list[DecodeSample]]:
     """Run the engine over the grid; times in milliseconds, the minimum of `repeats` runs (other load on
     the machine only ever adds time, so the minimum is the engine's own cost)."""
@@ -86,7 +90,8 @@ def measure(
         EngineConfig(
             model_dir=model_dir, device=device, block_size=bs, num_blocks=need + 8,
             max_num_batched_tokens=grid.max_batch_tokens, max_num_seqs=max(grid.decode_batch_sizes),
-            num_threads=num_threads, tp_size=tp, device_ids=tuple(range(tp)) if device == "cuda" and tp > 1 else (),
+            num_threads=num_threads, tp_size=tp, pp_size=pp,
+            device_ids=tuple(range(tp * pp)) if device == "cuda" and tp * pp > 1 else (),
         )
     )  # fmt: skip
     try:
@@ -169,15 +174,18 @@ def cmd_profile(a: argparse.Namespace) -> int:
     grid = ProfileGrid.quick() if a.quick else ProfileGrid(repeats=a.repeats)
     spec = from_hf_config(a.model)
     t0 = time.perf_counter()
-    pre, dec = measure(a.model, a.device, grid, a.num_threads, a.tp)
-    prof, e_p, e_d = build_profile(a.name or spec.name, pre, dec, a.tp)
+    pre, dec = measure(a.model, a.device, grid, a.num_threads, a.tp, a.pp)
+    name = a.name or spec.name
+    prof, e_p, e_d = build_profile(name if a.pp == 1 else f"{name}@pp{a.pp}", pre, dec, a.tp)
     save_profile(prof, a.out)
     if a.samples:
         rows = [{"phase": "prefill", **s._asdict()} for s in pre] + [
             {"phase": "decode", **s._asdict()} for s in dec
         ]
         Path(a.samples).write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"profiled {a.model} on {a.device} at TP={a.tp} in {time.perf_counter() - t0:.1f}s -> {a.out}")
+    print(
+        f"profiled {a.model} on {a.device} at TP={a.tp}, PP={a.pp} in {time.perf_counter() - t0:.1f}s -> {a.out}"
+    )
     print(f"  prefill fit: {e_p.samples} shapes, relative error mean {e_p.mean:.1%}, max {e_p.max:.1%}")
     print(f"  decode fit:  {e_d.samples} shapes, relative error mean {e_d.mean:.1%}, max {e_d.max:.1%}")
     print(json.dumps(prof.to_json(), indent=2))
@@ -195,6 +203,7 @@ def add_parser(sub: Any) -> None:
     ap.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel degree (processes on CPU, GPUs on CUDA)"
     )
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (the profile's key gets '@ppN')")
     ap.add_argument("--quick", action="store_true", help="a small grid (tests, smoke runs)")
     ap.add_argument("--samples", help="also write the raw measurements here (JSON)")
     ap.set_defaults(func=cmd_profile)

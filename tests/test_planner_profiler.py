@@ -16,10 +16,10 @@ TINY = Path(__file__).resolve().parents[1] / "models" / "tiny-llama"
 needs_model = pytest.mark.skipif(not (TINY / "config.json").is_file(), reason="run `make model` first")
 
 
-def run_profiler(folder: Path, device: str, tp: int = 1) -> tuple[Path, Path]:
+def run_profiler(folder: Path, device: str, tp: int = 1, pp: int = 1) -> tuple[Path, Path]:
     out, samples = folder / "profile.json", folder / "samples.json"
     argv = ["profile", "--model", str(TINY), "--device", device, "--out", str(out), "--quick",
-            "--samples", str(samples), "--tp", str(tp)]  # fmt: skip
+            "--samples", str(samples), "--tp", str(tp), "--pp", str(pp)]  # fmt: skip
     assert main(argv) == 0
     return out, samples
 
@@ -29,10 +29,9 @@ def cpu_profile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return run_profiler(tmp_path_factory.mktemp("profile"), "cpu")
 
 
-def check(out: Path, samples: Path, tp: int = 1) -> None:
+def check(out: Path, samples: Path, tp: int = 1, name: str = "tiny-llama") -> None:
     prof = load_profile(out)  # the published format: the planner's own loader accepts it
-    (name,) = prof.models
-    assert name == "tiny-llama" and list(prof.models[name]) == [tp]
+    assert list(prof.models) == [name] and list(prof.models[name]) == [tp]
     lat = phase_latency(prof.for_model(name), tp, 1)
     # Physically necessary: more prompt tokens, or more context, cost more time.
     assert lat.prefill_full(1024, 4 * 256**2) > lat.prefill_full(16, 16**2) > 0
@@ -51,6 +50,12 @@ def test_profile_cpu_engine(cpu_profile: tuple[Path, Path]) -> None:
 def test_profile_cpu_engine_at_tp2(tmp_path: Path) -> None:
     """A TP=2 instance (two processes) profiled into the same format, under tp 2."""
     check(*run_profiler(tmp_path, "cpu", tp=2), tp=2)
+
+
+@needs_model
+def test_profile_cpu_engine_at_pp2(tmp_path: Path) -> None:
+    """A PP=2 instance: whole-pipeline step times, in the same format, under the name "...@pp2"."""
+    check(*run_profiler(tmp_path, "cpu", pp=2), name="tiny-llama@pp2")
 
 
 @needs_model
