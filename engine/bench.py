@@ -175,9 +175,12 @@ def pipelines(
     pp, vocab = args.pp, base.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
 
-    def on(engine: LLMEngine) -> LLMEngine:
-        torch.set_num_threads(pp if engine is base else 1)
+    def on(engine: LLMEngine, threads: int | None = None) -> LLMEngine:
+        torch.set_num_threads(threads or (pp if engine is base else 1))
         return engine
+
+    # The model's whole-model time t is one device's, as the profiler measures it (one thread):
+    # each of the PP=pp instance's stages is such a device running 1/pp of the layers.
 
     gc.collect()
     gc.freeze()
@@ -194,14 +197,14 @@ def pipelines(
                 on(e)
                 prefill_stream(e, stream[:2])
             one, many = prefill_stream(on(base), stream), prefill_stream(on(pipe), stream)
-            t = (prefill_stream(on(base), stream[:1]).seconds, prefill_stream(on(pipe), stream[:1]).seconds)
+            t = (prefill_stream(on(base, 1), stream[:1]).seconds, prefill_stream(on(pipe), stream[:1]).seconds)
             print(f"batch {batch}: " + report(f"prefill, {args.stream} batches", one, many, t, pp))
             micro = prompts[: max(batch, pp) // pp]
             one = decode_stream(on(base), prompts, args.new_tokens)
             many = decode_stream(on(pipe), prompts, args.new_tokens)
             steps = 4
             t = (
-                decode_stream(on(base), micro, steps).seconds / steps,
+                decode_stream(on(base, 1), micro, steps).seconds / steps,
                 decode_stream(on(pipe), micro, steps).seconds / steps,
             )
             name = f"decode, {len(prompts)} sequences in {pp} micro-batches"

@@ -115,8 +115,9 @@ def decode_stream(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) 
 def report(name: str, one: Stream, many: Stream, step_alone: tuple[float, float], pp: int) -> str:
     """A line of the comparison: throughput of PP=1 and PP=pp, the overlap, and the simulator's
     pipeline model. `step_alone`: the seconds of one of the PP run's steps with nothing else in
-    flight, at PP=1 (t) and at PP=pp (t + pp hops, which gives the hop); the model says a new step
-    enters the pipeline every t/pp + hop."""
+    flight, on one device at PP=1 (t: the profiler's whole-model time) and through the PP=pp
+    pipeline (t + pp hops, which gives the hop); the model says a new step enters the pipeline
+    every t/pp + hop."""
     t1, tpp = step_alone
     hop = max((tpp - t1) / pp, 0.0)
     per_step_tokens = many.tokens / max(len(many.steps), 1)
