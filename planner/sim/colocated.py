@@ -13,7 +13,9 @@ from planner.sim.ledger import BusyTime, Requests
 class ColocatedInstance(ContinuousBatcher):
     """Each lane's next iteration is a prefill batch when the head of the waiting queue fits in
     memory (prefill has priority and stalls that lane's decodes), else a decode step. Memory is
-    reserved for prompt + output at admission into a prefill batch, as in a decode instance."""
+    reserved for prompt + output at admission into a prefill batch, as in a decode instance. With
+    several pipeline stages a prefill passes the shared stages like any step: the decode steps of
+    the other lanes that reach a stage it holds wait for it."""
 
     __slots__ = ("_on_prefill_done", "pipeline_hops_s", "token_budget", "waiting")
 
@@ -74,7 +76,11 @@ class ColocatedInstance(ContinuousBatcher):
             self.busy.prefill_s += prefill_s
             lane.running = True
             lane.segment_steps = 0
-            self.loop.schedule(t + prefill_s + self.pipeline_hops_s, self._on_prefill_done, (lane, batch))
+            if self.stages is not None:  # it holds each shared stage in turn, and what waits there waits
+                end = self.stages.pass_through(t, prefill_s / len(self.lanes) + self.hop_s)
+            else:
+                end = t + prefill_s + self.pipeline_hops_s
+            self.loop.schedule(end, self._on_prefill_done, (lane, batch))
         elif lane.size or lane.joining:
             self.start_step(lane, t)
 

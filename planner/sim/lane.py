@@ -1,11 +1,17 @@
 """Continuous batching of decode steps, by pipeline micro-batch (lane).
 
-An instance with pp stages keeps pp micro-batches in flight; each lane's step takes the whole-model
-time of its batch plus pp hops. Steps run in segments: while nothing joins or leaves a lane, its batch
-is constant and each step is longer than the previous by b*B (every context grew by one token), so
-step j of a segment ends at t0 + j*d0 + growth*j*(j-1)/2 and one event covers the segment up to the
-next finish. Anything that would act at the next step boundary (a join; in colocated instances, a
-prefill that could start) cuts the segment there, so the result equals stepping one token at a time."""
+An instance with pp stages keeps pp micro-batches (lanes) in flight. The stages are shared servers:
+a lane's step passes them in order, each taking 1/pp of the whole-model step time of the lane's
+batch plus a hop, and waits at a stage while it works on another lane's step or, in a colocated
+instance, on a prefill (Stages: each stage serves in the order work reached it). Uneven lanes
+leave bubbles. Such steps are simulated one at a time.
+
+With one stage nothing is shared, and steps run in segments: while nothing joins or leaves the
+lane, its batch is constant and each step is longer than the previous by b*B (every context grew
+by one token), so step j of a segment ends at t0 + j*d0 + growth*j*(j-1)/2 and one event covers
+the segment up to the next finish. Anything that would act at the next step boundary (a join; in
+colocated instances, a prefill that could start) cuts the segment there, so the result equals
+stepping one token at a time."""
 
 from __future__ import annotations
 
@@ -17,10 +23,30 @@ from planner.sim.events import EventLoop, Handler
 from planner.sim.ledger import BusyTime, Requests
 
 
+class Stages:
+    """The pipeline stages of an instance, each a server that takes work in arrival order."""
+
+    __slots__ = ("free_at",)
+
+    def __init__(self, count: int) -> None:
+        self.free_at = [0.0] * count  # when each stage finishes the work it has taken
+
+    def pass_through(self, t: float, stage_s: float) -> float:
+        """Work of `stage_s` per stage entering stage 0 at t: each stage takes it once it is free
+        and the previous stage is done with it. Reserves the stages; returns when it leaves the last."""
+        free = self.free_at
+        end = t
+        for k in range(len(free)):
+            end = (free[k] if free[k] > end else end) + stage_s
+            free[k] = end
+        return end
+
+
 class DecodeLane:
     """One continuous batch: the running sequences of one pipeline micro-batch and its segment."""
 
     __slots__ = (
+        "compute_s",
         "context_tokens",
         "finishing",
         "first_step_s",
@@ -45,6 +71,7 @@ class DecodeLane:
         self.first_step_s = 0.0  # the segment's first step
         self.step_growth_s = 0.0  # each further step is longer by this much
         self.segment_steps = 0  # steps in the segment (0: not in a decode segment)
+        self.compute_s = 0.0  # a pipelined step's time on the stages (its span also holds waits)
         self.version = 0  # bumps when the segment's end event is replaced; older ones are stale
 
     def segment_end(self, j: int) -> float:
@@ -81,6 +108,7 @@ class ContinuousBatcher:
         "_on_step_done",
         "admitted",
         "busy",
+        "hop_s",
         "kv_used",
         "lanes",
         "loop",
@@ -90,6 +118,7 @@ class ContinuousBatcher:
         "prompt_lens",
         "requests",
         "spec",
+        "stages",
         "step_model",
     )
 
@@ -104,6 +133,9 @@ class ContinuousBatcher:
         self.busy = busy
         self.max_steps = max_steps  # cap on the steps one event covers (1: step by step)
         self.lanes = [DecodeLane() for _ in range(spec.latency.pp)]
+        # With several stages the lanes share them (None: one stage, one lane, nothing shared).
+        self.stages = Stages(spec.latency.pp) if spec.latency.pp > 1 else None
+        self.hop_s = spec.latency.hop_ms / 1000.0
         self.outstanding = 0  # tokens still owed to the requests routed here (the router's load)
         self.kv_used = 0  # KV tokens reserved: prompt + output of every admitted request
         self.admitted = 0  # admitted requests, prefilled or not
@@ -146,6 +178,14 @@ class ContinuousBatcher:
             dt, growth = a0 + b0 * tokens + c0 * batch, b0 * batch
         else:
             dt, growth = a1 + b1 * tokens + c1 * batch, b1 * batch
+        if self.stages is not None:  # one step through the shared stages
+            stage_s = (dt if dt > 0.0 else 0.0) / len(self.lanes) + self.hop_s
+            end = self.stages.pass_through(t, stage_s)
+            lane.segment_start, lane.first_step_s, lane.step_growth_s = t, end - t, 0.0
+            lane.segment_steps, lane.compute_s = 1, stage_s * len(self.lanes)
+            lane.version += 1
+            self.loop.schedule(end, self._on_step_done, (lane, lane.version))
+            return
         k = lane.finishing[0][0] - lane.steps_done  # steps until the first finish
         if dt <= 0.0 or growth < 0.0 or k < 1:
             k = 1  # clamped or shrinking step times: the closed form does not hold, step by step
@@ -168,7 +208,7 @@ class ContinuousBatcher:
     def finish_segment(self, lane: DecodeLane, t: float) -> bool:
         """Account for the segment that ended at t; True when a request finished (memory freed)."""
         k = lane.segment_steps
-        self.busy.decode_s += t - lane.segment_start
+        self.busy.decode_s += lane.compute_s if self.stages is not None else t - lane.segment_start
         lane.segment_steps = 0
         lane.steps_done += k
         lane.context_tokens += lane.size * k
