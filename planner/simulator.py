@@ -28,6 +28,7 @@ from planner.sim.config import Instance, SimConfig
 from planner.sim.decode import DecodeInstance
 from planner.sim.events import EventLoop
 from planner.sim.ledger import BusyTime, Requests
+from planner.sim.on_demand import OnDemandColocatedInstance
 from planner.sim.prefill import PrefillInstance
 from planner.sim.router import NodeUnit, Router, UnitRouter
 from planner.sim_stats import SimResult
@@ -68,9 +69,9 @@ def _decode_instances(
 
 
 def _colocated(cfg: SimConfig, loop: EventLoop, requests: Requests, busy: BusyTime) -> ArrivalHandler:
+    kind = OnDemandColocatedInstance if cfg.colocated_kv == "on_demand" else ColocatedInstance
     instances = [
-        ColocatedInstance(s, loop, requests, busy, cfg.max_steps_per_event, cfg.token_budget)
-        for s in cfg.colocated
+        kind(s, loop, requests, busy, cfg.max_steps_per_event, cfg.token_budget) for s in cfg.colocated
     ]
     router = Router(instances, cfg.routing == "round_robin")
 

@@ -72,21 +72,34 @@ class ColocatedInstance(ContinuousBatcher):
                 tokens += length
                 sum_sq += length * length
             self.outstanding -= tokens
-            prefill_s = spec.latency.prefill_full(tokens, sum_sq)
-            self.busy.prefill_s += prefill_s
-            lane.running = True
-            lane.segment_steps = 0
-            if self.stages is not None:  # it holds each shared stage in turn, and what waits there waits
-                end = self.stages.pass_through(t, prefill_s / len(self.lanes) + self.hop_s)
-            else:
-                end = t + prefill_s + self.pipeline_hops_s
-            self.loop.schedule(end, self._on_prefill_done, (lane, batch))
+            self.start_prefill(lane, t, batch, tokens, sum_sq)
         elif lane.size or lane.joining:
             self.start_step(lane, t)
 
+    def start_prefill(self, lane: DecodeLane, t: float, batch: list[int], tokens: int, sum_sq: int) -> None:
+        """Run a prefill batch of `tokens` prompt tokens on the lane from t."""
+        prefill_s = self.spec.latency.prefill_full(tokens, sum_sq)
+        self.busy.prefill_s += prefill_s
+        lane.running = True
+        lane.segment_steps = 0
+        if self.stages is not None:  # it holds each shared stage in turn, and what waits there waits
+            end = self.stages.pass_through(t, prefill_s / len(self.lanes) + self.hop_s)
+        else:
+            end = t + prefill_s + self.pipeline_hops_s
+        self.loop.schedule(end, self._on_prefill_done, (lane, batch))
+
     def on_prefill_done(self, t: float, lane_batch: tuple[DecodeLane, list[int]]) -> None:
-        """First tokens out at t: the batch joins the lane's decodes at its next step."""
+        """A prefill batch ended at t; the lane goes on with its next iteration."""
         lane, batch = lane_batch
+        freed = self.prefilled(lane, t, batch)
+        lane.running = False
+        self.iterate(lane, t)
+        if freed:
+            self.start_idle_lanes(t)
+
+    def prefilled(self, lane: DecodeLane, t: float, batch: list[int]) -> bool:
+        """First tokens out at t: the batch joins the lane's decodes at its next step. True when a
+        request finished (memory freed)."""
         requests, prompt_lens, output_lens = self.requests, self.prompt_lens, self.output_lens
         freed = False
         for i in batch:
@@ -98,10 +111,7 @@ class ColocatedInstance(ContinuousBatcher):
                 freed = True
             else:
                 lane.joining.append(i)
-        lane.running = False
-        self.iterate(lane, t)
-        if freed:
-            self.start_idle_lanes(t)
+        return freed
 
     def on_step_done(self, t: float, lane_version: tuple[DecodeLane, int]) -> None:
         lane, version = lane_version

@@ -25,7 +25,9 @@ class Instance(NamedTuple):
 class SimConfig:
     """What to simulate. mode: "joint" (prefill -> transfer -> decode, or colocated), "prefill_only"
     (TTFT of the prefill instances), "decode_only" (requests enter decode at arrival, their KV coming
-    over the link given by `decode_only_same_node`)."""
+    over the link given by `decode_only_same_node`). `colocated_kv`: "reserve" (prompt + output held
+    from admission, never a preemption) or "on_demand" (vLLM's allocation with recompute preemption,
+    sim/on_demand.py)."""
 
     prefill: tuple[Instance, ...] = ()
     decode: tuple[Instance, ...] = ()
@@ -37,10 +39,13 @@ class SimConfig:
     mode: str = "joint"
     decode_only_same_node: bool = True
     max_steps_per_event: int = 1 << 30  # 1: one event per decode step (the reference behaviour)
+    colocated_kv: str = "reserve"
 
     def __post_init__(self) -> None:
         if self.mode not in ("joint", "prefill_only", "decode_only"):
             raise PlannerError(f"unknown simulation mode {self.mode!r}")
+        if self.colocated_kv not in ("reserve", "on_demand"):
+            raise PlannerError(f"unknown colocated KV policy {self.colocated_kv!r}: reserve or on_demand")
         if self.routing not in ("least_loaded", "round_robin"):
             raise PlannerError(f"unknown routing {self.routing!r}: least_loaded or round_robin")
         if self.colocated and (self.prefill or self.decode):
