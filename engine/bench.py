@@ -197,7 +197,10 @@ def pipelines(
                 on(e)
                 prefill_stream(e, stream[:2])
             one, many = prefill_stream(on(base), stream), prefill_stream(on(pipe), stream)
-            t = (prefill_stream(on(base, 1), stream[:1]).seconds, prefill_stream(on(pipe), stream[:1]).seconds)
+            t = (
+                prefill_stream(on(base, 1), stream[:1]).seconds,
+                prefill_stream(on(pipe), stream[:1]).seconds,
+            )
             print(f"batch {batch}: " + report(f"prefill, {args.stream} batches", one, many, t, pp))
             micro = prompts[: max(batch, pp) // pp]
             one = decode_stream(on(base), prompts, args.new_tokens)
