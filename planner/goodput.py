@@ -60,11 +60,19 @@ BRACKET_FACTOR = 1.5
 
 
 class Goodput(NamedTuple):
-    """Result of a goodput search: the rate (req/s) and the attainment measured there."""
+    """Result of a goodput search: the rate (req/s), the attainment measured there, and a 95%
+    interval for the rate (`low`, `high`): the attainment's own interval carried through the
+    attainment-vs-rate slope around the goodput, widened by the bisection's last bracket."""
 
     rate: float
     attainment: Attainment
     simulations: int
+    low: float = 0.0
+    high: float = 0.0
+
+    def scaled(self, factor: float) -> Goodput:
+        """The goodput of `factor` identical, balanced copies of the simulated deployment."""
+        return self._replace(rate=self.rate * factor, low=self.low * factor, high=self.high * factor)
 
 
 def requests_for(
@@ -116,12 +124,11 @@ def search_goodput(
 ) -> Goodput:
     """The largest rate (to `settings.precision`) whose attainment >= slo.attainment; rate 0 when
     even `settings.min_rate` misses it."""
-    sims = 0
+    seen: dict[float, Attainment] = {}
 
     def ok(rate: float) -> bool:
-        nonlocal sims
-        sims += 1
-        return attainment_at(cfg, rate, workload, slo, settings).value >= slo.attainment
+        seen[rate] = attainment_at(cfg, rate, workload, slo, settings)
+        return seen[rate].value >= slo.attainment
 
     lo, hi = 0.0, math.inf
     rate = max(hint, settings.min_rate)
@@ -138,7 +145,7 @@ def search_goodput(
         while lo == 0.0:
             rate /= BRACKET_FACTOR
             if rate < settings.min_rate:
-                return Goodput(0.0, Attainment(0.0, 0.0, 0.0, 0), sims)
+                return Goodput(0.0, Attainment(0.0, 0.0, 0.0, 0), len(seen))
             if ok(rate):
                 lo = rate
             else:
@@ -149,5 +156,25 @@ def search_goodput(
             lo = mid
         else:
             hi = mid
-    final = attainment_at(cfg, lo, workload, slo, settings)
-    return Goodput(lo, final, sims + 1)
+    final = seen[lo]
+    low, high = _rate_interval(seen, lo, hi, final)
+    return Goodput(lo, final, len(seen), low, high)
+
+
+def _rate_interval(
+    seen: dict[float, Attainment], lo: float, hi: float, at_lo: Attainment
+) -> tuple[float, float]:
+    """95% interval of the goodput: the attainment at `lo` is known to +-h, and attainment falls
+    with the rate at slope s near the goodput, so the rate where the true attainment crosses the
+    target lies within h/s of the bracket [lo, hi]. The slope comes from the bracket's two ends,
+    or from the widest pair of probed rates when noise makes that one flat."""
+    half = (at_lo.ci_high - at_lo.ci_low) / 2
+    slope = (at_lo.value - seen[hi].value) / (hi - lo) if hi in seen and hi > lo else 0.0
+    if slope <= 0:
+        rates = sorted(seen)
+        slope = (
+            (seen[rates[0]].value - seen[rates[-1]].value) / (rates[-1] - rates[0]) if len(rates) > 1 else 0.0
+        )
+    if slope <= 0:
+        return lo, hi
+    return max(0.0, lo - half / slope), hi + half / slope

@@ -14,8 +14,8 @@ from planner.cluster import ClusterSpec
 from planner.goodput import SearchSettings, Slo
 from planner.memory import DEFAULT_CAPACITY_TABLE, load_capacity_table
 from planner.model_spec import resolve_model
-from planner.profile import DEFAULT_PROFILE, load_profile
-from planner.search import Problem
+from planner.profile import DEFAULT_PROFILE, VLLM_PROFILE, load_profile
+from planner.search import Problem, ReferenceEngine
 from workload import Workload, load_workload
 
 
@@ -30,7 +30,7 @@ class PlanInputs:
     tpot: float  # TPOT SLO, seconds
     attainment: float = 0.9
     profile: str = str(DEFAULT_PROFILE)
-    colocated_profile: str | None = None  # times the colocated baseline (default: profile)
+    colocated_profile: str | None = None  # the reference baseline's engine (see reference_profile)
     capacity_table: str = str(DEFAULT_CAPACITY_TABLE)  # or "none"
     gpu_memory_gib: float = 80.0
     nvlink_gbps: float = 300.0
@@ -44,6 +44,8 @@ class PlanInputs:
     token_budget: int = 2048
     max_batch: int = 256
     max_pp: int = 8
+    joint_candidates: int = 3
+    colocated_kv: str = "reserve"
     precision: float = 0.03
     workers: int = 0
     seed: int = 0
@@ -53,8 +55,10 @@ class PlanInputs:
             raise PlannerError(
                 f"need at least one node and one GPU per node (got {self.nodes} x {self.gpus_per_node})"
             )
-        if self.token_budget < 1 or self.max_batch < 1 or self.max_pp < 1:
-            raise PlannerError("--token-budget, --max-batch and --max-pp must be >= 1")
+        if min(self.token_budget, self.max_batch, self.max_pp, self.joint_candidates) < 1:
+            raise PlannerError("--token-budget, --max-batch, --max-pp and --joint-candidates must be >= 1")
+        if self.colocated_kv not in ("reserve", "on-demand"):
+            raise PlannerError(f"--colocated-kv must be reserve or on-demand, got {self.colocated_kv!r}")
         if self.affinity not in ("high", "low"):
             raise PlannerError(f"affinity must be high or low, got {self.affinity!r}")
 
@@ -73,14 +77,25 @@ class PlanInputs:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def reference_profile(self) -> str | None:
+        """The reference baseline's profile: --colocated-profile, else vLLM's measured A100 profile
+        when planning with DistServe's published one (the paper's comparison), else none."""
+        if self.colocated_profile:
+            return self.colocated_profile
+        return str(VLLM_PROFILE) if Path(self.profile).resolve() == DEFAULT_PROFILE.resolve() else None
+
     def problem(self, workload: Workload | None = None) -> Problem:
         """The search problem: profiles, cluster and workload loaded (`workload` replaces the
         stated one, e.g. the traffic observed by replan)."""
         model = resolve_model(self.model)
         profile = load_profile(self.profile).for_model(model.name)
-        colocated = (
-            load_profile(self.colocated_profile).for_model(model.name) if self.colocated_profile else None
-        )
+        ref_path = self.reference_profile()
+        reference = None
+        if ref_path is not None:
+            ref_pp = 1 if Path(ref_path).resolve() == VLLM_PROFILE.resolve() else self.max_pp
+            reference = ReferenceEngine(
+                Path(ref_path).name, load_profile(ref_path).for_model(model.name), ref_pp
+            )
         table = None if self.capacity_table == "none" else load_capacity_table(self.capacity_table)
         cluster = ClusterSpec(
             self.nodes, self.gpus_per_node, self.gpu_memory_gib, nvlink=not self.no_nvlink,
@@ -96,7 +111,10 @@ class PlanInputs:
             slo=Slo(self.ttft, self.tpot, self.attainment),
             settings=SearchSettings(precision=self.precision, seed=self.seed, arrival_cv=self.arrival_cv),
             capacity_table=table,
-            colocated_profile=colocated,
+            profile_name=Path(self.profile).name,
+            reference=reference,
+            joint_candidates=self.joint_candidates,
+            colocated_kv=self.colocated_kv.replace("-", "_"),
             token_budget=self.token_budget,
             max_batch=self.max_batch,
             workers=self.workers,
@@ -108,7 +126,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of PlanInputs (shared by plan and replan)."""
     d = PlanInputs(model="", nodes=1, gpus_per_node=1, ttft=1.0, tpot=1.0)
     ap.add_argument("--profile", default=d.profile, help="latency profile JSON (DistServe format)")
-    ap.add_argument("--colocated-profile", help="profile timing the colocated baseline (default: --profile)")
+    ap.add_argument(
+        "--colocated-profile",
+        help="engine of the reference colocated baseline (default: the vLLM A100 profile when --profile "
+        "is DistServe's, else no reference baseline; the same-engine baseline always uses --profile)",
+    )
     ap.add_argument("--capacity-table", default=d.capacity_table, help="KV capacity CSV, or 'none'")
     ap.add_argument("--model", required=True, help="known model name (opt-13b, ...) or a Hugging Face folder")
     ap.add_argument("--nodes", type=int, required=True)
@@ -124,7 +146,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tpot", type=float, required=True, help="TPOT SLO, seconds")
     ap.add_argument("--attainment", type=float, default=d.attainment)
     ap.add_argument(
-        "--workload", default=d.workload, help="sharegpt | FILE | synthetic:prompt=DIST,output=DIST"
+        "--workload",
+        default=d.workload,
+        help="sharegpt (first human turn + answer) | sharegpt-distserve (DistServe's multi-turn cut; "
+        "use for the paper's figures) | FILE | synthetic:prompt=DIST,output=DIST",
     )
     ap.add_argument("--tokenizer", help="folder with tokenizer.json (default: --model when it is a folder)")
     ap.add_argument("--rate", type=float, help="target rate (req/s); default: as much as the cluster serves")
@@ -132,6 +157,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--token-budget", type=int, default=d.token_budget, help="prefill batch token budget")
     ap.add_argument("--max-batch", type=int, default=d.max_batch, help="max sequences in a decode batch")
     ap.add_argument("--max-pp", type=int, default=d.max_pp, help="deepest pipeline searched")
+    ap.add_argument(
+        "--colocated-kv",
+        choices=("reserve", "on-demand"),
+        default=d.colocated_kv,
+        help="KV of the colocated baselines: reserved for prompt + output at admission (as our engine "
+        "does), or allocated on demand with recompute preemption (as vLLM does)",
+    )
+    ap.add_argument(
+        "--joint-candidates",
+        type=int,
+        default=d.joint_candidates,
+        help="best candidates per pipeline depth simulated jointly before choosing",
+    )
     ap.add_argument(
         "--precision", type=float, default=d.precision, help="relative precision of goodput searches"
     )

@@ -2,7 +2,8 @@
 
 Pipeline parallelism follows DistServe's estimator: a stage takes 1/pp of the whole model's time
 plus a fixed per-stage hop (activation send), so a batch's latency through the pipeline is
-t + pp*hop while a new batch can enter every t/pp + hop."""
+t + pp*hop while a new batch can enter every t/pp + hop. The profile's per-iteration serving
+overhead is part of every batch's and step's whole-model time t."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class PhaseLatency:
     def prefill_full(self, sum_len: float, sum_sq: float) -> float:
         """Whole-model prefill time of a batch (all stages back to back), seconds."""
         a, b, c = self.coef.prefill
-        return max(a + b * sum_len + c * sum_sq, 0.0) / 1000.0
+        return (max(a + b * sum_len + c * sum_sq, 0.0) + self.coef.overhead_ms) / 1000.0
 
     def prefill_stage(self, sum_len: float, sum_sq: float) -> float:
         """Time one pipeline stage spends on a prefill batch, seconds."""
@@ -41,7 +42,7 @@ class PhaseLatency:
     def decode_full(self, sum_ctx_plus_one: float, batch: int) -> float:
         """Whole-model time of one decode step of `batch` sequences, seconds."""
         a, b, c = self.coef.decode_small if batch <= self.coef.threshold else self.coef.decode_large
-        return max(a + b * sum_ctx_plus_one + c * batch, 0.0) / 1000.0
+        return (max(a + b * sum_ctx_plus_one + c * batch, 0.0) + self.coef.overhead_ms) / 1000.0
 
     def decode_step(self, sum_ctx_plus_one: float, batch: int) -> float:
         """Latency of one token of one pipeline micro-batch through all stages, seconds."""

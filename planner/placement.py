@@ -5,44 +5,26 @@ per-GPU goodput, chosen independently; replica counts then serve the target rate
 GPUs (or, without a target rate, the most rate the cluster holds).
 Alg. 2 (low node-affinity): a unit spans `inter_op` nodes; on each node it holds k_p prefill and k_d
 decode segments of the same layers, so KV moves over NVLink. Segments are enumerated jointly.
-Every final plan is checked with a joint simulation of the whole deployment (both SLOs at once)."""
+Per-phase goodputs only rank the candidates: the best few of each pipeline depth are simulated
+jointly (planner/joint.py) and the plan is the best of those by joint goodput. Colocated baselines
+and the verdict come from planner/baselines.py."""
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from planner import PlannerError
-from planner.goodput import Goodput, Slo, attainment_at, search_goodput
-from planner.gpu_assign import Replica, Segment, pack_independent, pack_units, units_that_fit
+from planner.baselines import colocated_baselines
+from planner.goodput import Goodput
+from planner.gpu_assign import Segment, pack_independent, units_that_fit
+from planner.joint import Candidate, Settled, best_settled, simulate_candidates, top_per_pp_level
 from planner.plan import PhaseChoice, Plan
-from planner.search import PhaseTask, Problem, evaluate, fits, instance_for
-from planner.simulator import SimConfig
+from planner.search import PhaseTask, Problem, evaluate, fits, phase_tasks
 
 Log = Callable[[str], None]
-MAX_FIXUPS = 16
-
-
-def phase_tasks(problem: Problem, kind: str, max_gpus: int, same_node: bool = True) -> list[PhaseTask]:
-    """(tp, pp) candidates: tp divides the heads (and is profiled), fits in a node; pp divides the layers."""
-    m, c = problem.model, problem.cluster
-    tps = [t for t in m.tp_degrees(c.gpus_per_node) if t in problem.profile]
-    if kind == "colocated" and problem.colocated_profile:
-        tps = [t for t in tps if t in problem.colocated_profile]
-    out = []
-    for tp in tps:
-        for pp in m.pp_degrees(min(max_gpus // tp, problem.max_pp)):
-            task = PhaseTask(kind, tp, pp, same_node)
-            if fits(problem, task):
-                out.append(task)
-    return out
-
-
-def _best(results: dict[PhaseTask, Goodput], tasks: list[PhaseTask]) -> PhaseTask | None:
-    good = [t for t in tasks if results[t].rate > 0]
-    return max(good, key=lambda t: (results[t].rate / t.gpus, -t.gpus)) if good else None
+Scored = list[tuple[tuple[float, ...], Candidate]]
 
 
 def _no_fit_message(problem: Problem, kind: str) -> str:
@@ -63,105 +45,46 @@ def _unmet(problem: Problem, kind: str) -> PlannerError:
     )
 
 
-def joint_config(problem: Problem, replicas: list[Replica]) -> SimConfig:
-    pre = tuple(
-        instance_for(problem, "prefill", r.tp, r.pp, r.node, r.group) for r in replicas if r.role == "prefill"
-    )
-    dec = tuple(
-        instance_for(problem, "decode", r.tp, r.pp, r.node, r.group) for r in replicas if r.role == "decode"
-    )
-    return SimConfig(
-        prefill=pre,
-        decode=dec,
-        token_budget=problem.token_budget,
-        kv_bytes_per_token=problem.model.kv_bytes_per_token,
-        cluster=problem.cluster,
-        routing=problem.routing,
-    )
-
-
-def colocated_search(problem: Problem, phase: dict[PhaseTask, Goodput], log: Log) -> PhaseChoice | None:
-    """Best colocated (tp, pp) by per-GPU goodput. A colocated instance cannot beat the prefill-only
-    or the decode-only instance of the same shape on the same engine (interference only adds
-    delay), so min(prefill, decode goodput) bounds it: configs are tried best bound first, in waves
-    of one per worker, and the ones whose bound cannot beat the best found are skipped."""
-    tasks = phase_tasks(problem, "colocated", problem.cluster.num_gpus)
-
-    def bound(t: PhaseTask) -> float:
-        if problem.colocated_profile is not None:
-            return math.inf  # timed by another engine's profile: no bound from ours
-        rates = [g.rate for k, g in phase.items() if (k.tp, k.pp) == (t.tp, t.pp)]
-        kinds = {k.kind for k in phase if (k.tp, k.pp) == (t.tp, t.pp)}
-        return min(rates) if kinds == {"prefill", "decode"} else math.inf
-
-    todo = sorted(tasks, key=lambda t: (-bound(t) / t.gpus, t.gpus))
-    best: tuple[float, PhaseTask] | None = None
-    wave = max(1, problem.workers or os.cpu_count() or 1)
-    done = 0
-    while todo:
-        batch, todo = todo[:wave], todo[wave:]
-        res = evaluate(problem, batch, "colocated")
-        done += len(batch)
-        for t, g in res.items():
-            if g.rate > 0 and (best is None or (g.rate / t.gpus, -t.gpus) > (best[0], -best[1].gpus)):
-                best = (g.rate / t.gpus, t)
-        if best is not None:
-            todo = [t for t in todo if bound(t) / t.gpus > best[0]]
-    log(f"colocated baseline: {done} of {len(tasks)} configs simulated")
-    if best is None:
-        return None
-    t = best[1]
-    return PhaseChoice(t.tp, t.pp, best[0] * t.gpus)
-
-
 def _finish(
     problem: Problem,
     algorithm: str,
-    replicas: list[Replica],
-    prefill: PhaseChoice,
-    decode: PhaseChoice,
-    predicted: float,
+    settled: list[Settled],
     rate: float | None,
-    colocated: PhaseChoice | None,
-    details: Mapping[str, object],
+    phase: dict[PhaseTask, Goodput],
+    details: dict[str, object],
     log: Log,
-    units: int = 1,
 ) -> Plan:
-    """Joint goodput of the deployment. With `units` > 1 (Alg. 2) the units are identical and the
-    router balances requests across them, so one unit is simulated at 1/units of the rate: a far
-    longer run (closer to steady state) for the same cost."""
-    sim = [r for r in replicas if r.group == 0] if units > 1 else replicas
+    """The plan: the best jointly simulated candidate, with the colocated baselines."""
+    best = best_settled(settled, rate)
+    cand, good = best.candidate, best.goodput
     log(
-        f"joint simulation of {len(sim)} instances on {sum(len(r.gpus) for r in sim)} GPUs"
-        + (f" (one of {units} units)" if units > 1 else "")
-    )
-    good = search_goodput(
-        joint_config(problem, sim), problem.workload, problem.slo, problem.settings, predicted / units
+        f"chosen by joint simulation: {cand.describe()}: {good.rate:.2f} req/s (per-phase figures: {cand.predicted:.2f})"
     )
     details = {
         **details,
-        "predicted_goodput": predicted,
+        "predicted_goodput": cand.predicted,
         "joint_ci": [good.attainment.ci_low, good.attainment.ci_high],
-        "simulated_units": 1 if units > 1 else None,
+        "simulated_units": 1 if cand.units > 1 else None,
+        "joint_candidates": [{**s.candidate.to_json(), "joint_goodput": s.goodput.rate} for s in settled],
     }
-    return Plan(algorithm, problem.model.name, prefill, decode, tuple(replicas), good.rate * units,
-                good.attainment.value, rate, colocated, details)  # fmt: skip
+    if cand.segment is not None:
+        details.update(units=cand.units, segment=cand.segment._asdict())
+    pre = PhaseChoice(cand.prefill.tp, cand.prefill.pp, phase[cand.prefill].rate)
+    dec = PhaseChoice(cand.decode.tp, cand.decode.pp, phase[cand.decode].rate)
+    return Plan(algorithm, problem.model.name, pre, dec, best.replicas, good.rate, good.attainment.value, rate,
+                colocated_baselines(problem, phase, log), good.low, good.high, details)  # fmt: skip
 
 
-def _verify_rate(problem: Problem, replicas: list[Replica], rate: float) -> tuple[float, float]:
-    """TTFT-only and TPOT-only attainment of the deployment at `rate` (joint simulation)."""
-    cfg = joint_config(problem, replicas)
-    slo = problem.slo
-    a = attainment_at(cfg, rate, problem.workload, slo, problem.settings)
-    if a.value >= slo.attainment:
-        return 1.0, 1.0
-    ttft_only = attainment_at(
-        cfg, rate, problem.workload, Slo(slo.ttft, 1e9, slo.attainment), problem.settings
-    )
-    tpot_only = attainment_at(
-        cfg, rate, problem.workload, Slo(1e9, slo.tpot, slo.attainment), problem.settings
-    )
-    return ttft_only.value, tpot_only.value
+def _joint_choice(problem: Problem, scored: Scored, rate: float | None, log: Log) -> list[Settled]:
+    candidates = top_per_pp_level(scored, problem.joint_candidates)
+    t0 = time.perf_counter()
+    settled = simulate_candidates(problem, candidates, rate, log)
+    log(f"simulated {len(candidates)} candidate deployments jointly in {time.perf_counter() - t0:.1f}s")
+    if not settled:
+        raise PlannerError(
+            f"{rate} req/s does not fit in {problem.cluster.num_gpus} GPUs once simulated jointly"
+        )
+    return settled
 
 
 def alg1(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Plan:
@@ -175,45 +98,28 @@ def alg1(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Pla
     t0 = time.perf_counter()
     res = evaluate(problem, [*tp_, *td_], "alg1 configs")
     log(f"evaluated {len(tp_) + len(td_)} single-instance configs in {time.perf_counter() - t0:.1f}s")
-    bp, bd, n_p, n_d = _choose_pair(problem, res, tp_, td_, rate)
-    gp, gd = res[bp].rate, res[bd].rate
-    replicas = _pack_or_fail(problem, bp, bd, n_p, n_d, rate)
-    if rate is not None:
-        for _ in range(MAX_FIXUPS):
-            a_ttft, a_tpot = _verify_rate(problem, replicas, rate)
-            if min(a_ttft, a_tpot) >= problem.slo.attainment:
-                break
-            if a_ttft < a_tpot:
-                n_p += 1
-            else:
-                n_d += 1
-            log(
-                f"joint check at {rate:g} req/s missed (ttft {a_ttft:.3f}, tpot {a_tpot:.3f}): {n_p}P + {n_d}D"
-            )
-            replicas = _pack_or_fail(problem, bp, bd, n_p, n_d, rate)
-    pre, dec = PhaseChoice(bp.tp, bp.pp, gp), PhaseChoice(bd.tp, bd.pp, gd)
-    details = {"configs_evaluated": len(res), "kv_link": "nvlink" if same else "network"}
-    return _finish(problem, "alg1-high-affinity", replicas, pre, dec, min(n_p * gp, n_d * gd), rate,
-                   colocated_search(problem, res, log), details, log)  # fmt: skip
+    settled = _joint_choice(problem, _pair_candidates(problem, res, tp_, td_, rate), rate, log)
+    details: dict[str, object] = {"configs_evaluated": len(res), "kv_link": "nvlink" if same else "network"}
+    return _finish(problem, "alg1-high-affinity", settled, rate, res, details, log)
 
 
-def _choose_pair(
+def _pair_candidates(
     problem: Problem,
     res: dict[PhaseTask, Goodput],
     tp_: list[PhaseTask],
     td_: list[PhaseTask],
     rate: float | None,
-) -> tuple[PhaseTask, PhaseTask, int, int]:
-    """Prefill and decode configs (each searched on its own, by single-instance goodput) and their
-    replica counts: the pair serving the target rate with the fewest GPUs, or without a target the
-    pair whose replicas fill the cluster with the most rate."""
-    ps = sorted((t for t in tp_ if res[t].rate > 0), key=lambda t: (-res[t].rate / t.gpus, t.gpus))
-    ds = sorted((t for t in td_ if res[t].rate > 0), key=lambda t: (-res[t].rate / t.gpus, t.gpus))
+) -> Scored:
+    """Every (prefill, decode) pair with its replica counts, scored by the per-phase goodputs: serving
+    the target rate with the fewest GPUs, then per-GPU goodput; or, filling the cluster, the most
+    rate, then the fewest GPUs. Counts are whole numbers, so every pair is scored with its counts."""
+    ps = [t for t in tp_ if res[t].rate > 0]
+    ds = [t for t in td_ if res[t].rate > 0]
     if not ps:
         raise _unmet(problem, "prefill")
     if not ds:
         raise _unmet(problem, "decode")
-    best: tuple[float, float, PhaseTask, PhaseTask, int, int] | None = None
+    scored: Scored = []
     for bp in ps:
         for bd in ds:
             gp, gd = res[bp].rate, res[bd].rate
@@ -228,21 +134,16 @@ def _choose_pair(
                 n_p, n_d = counts
             gpus = n_p * bp.gpus + n_d * bd.gpus
             served = min(n_p * gp, n_d * gd)
-            # With a target: fewest GPUs, then per-GPU goodput; filling the cluster: most rate, then
-            # fewest GPUs. Replica counts are whole, so the per-GPU best configs chosen on their own
-            # (Alg. 1 as published) can lose to a pair whose counts round better.
             score = (-gpus, served / gpus) if rate is not None else (served, -gpus)
-            key = (*score, bp, bd, n_p, n_d)
-            if best is None or key[:2] > best[:2]:
-                best = key
-    if best is None:
+            scored.append((score, Candidate(bp, bd, n_p, n_d, predicted=served)))
+    if not scored:
         c = min(ps, key=lambda t: t.gpus), min(ds, key=lambda t: t.gpus)
         want = f"{rate} req/s" if rate is not None else "one prefill and one decode instance"
         raise PlannerError(
             f"{want} does not fit in {problem.cluster.num_gpus} GPUs (the smallest SLO-meeting prefill "
             f"instance takes {c[0].gpus} GPUs, decode {c[1].gpus})"
         )
-    return best[2], best[3], best[4], best[5]
+    return scored
 
 
 def _fill_counts(
@@ -270,19 +171,6 @@ def _fill_counts(
 
 def _wanted(bp: PhaseTask, bd: PhaseTask, n_p: int, n_d: int) -> list[tuple[str, int, int]]:
     return [("prefill", bp.tp, bp.pp)] * n_p + [("decode", bd.tp, bd.pp)] * n_d
-
-
-def _pack_or_fail(
-    problem: Problem, bp: PhaseTask, bd: PhaseTask, n_p: int, n_d: int, rate: float | None
-) -> list[Replica]:
-    placed = pack_independent(problem.cluster, _wanted(bp, bd, n_p, n_d))
-    if placed is None:
-        need = n_p * bp.gpus + n_d * bd.gpus
-        raise PlannerError(
-            f"serving {rate} req/s needs {n_p} prefill (tp={bp.tp}, pp={bp.pp}) and {n_d} decode "
-            f"(tp={bd.tp}, pp={bd.pp}) instances, {need} GPUs; the cluster has {problem.cluster.num_gpus}"
-        )
-    return placed
 
 
 def alg2_segments(problem: Problem) -> list[tuple[Segment, PhaseTask, PhaseTask]]:
@@ -324,53 +212,31 @@ def alg2(problem: Problem, rate: float | None, log: Log = lambda s: None) -> Pla
     log(
         f"evaluated {len(tasks)} single-instance configs for {len(segs)} unit shapes in {time.perf_counter() - t0:.1f}s"
     )
-
-    def unit_rate(s: tuple[Segment, PhaseTask, PhaseTask]) -> float:
-        return min(s[0].k_p * res[s[1]].rate, s[0].k_d * res[s[2]].rate)
-
-    viable = [s for s in segs if unit_rate(s) > 0]
+    viable = [
+        (seg, tpk, tdk, min(seg.k_p * res[tpk].rate, seg.k_d * res[tdk].rate)) for seg, tpk, tdk in segs
+    ]
+    viable = [v for v in viable if v[3] > 0]
     if not viable:
         raise _unmet(problem, "prefill" if all(res[s[1]].rate == 0 for s in segs) else "decode")
-
-    def units_for(s: tuple[Segment, PhaseTask, PhaseTask]) -> int:
-        return units_that_fit(c, s[0]) if rate is None else math.ceil(rate / unit_rate(s))
-
-    # With a target rate: the shape serving it with the fewest GPUs; without: the most goodput the
+    # With a target rate: the shapes serving it with the fewest GPUs; without: the most goodput the
     # cluster holds (idle GPUs count against a shape), then the best per-GPU goodput.
-    placeable = [s for s in viable if 1 <= units_for(s) <= units_that_fit(c, s[0])]
-    if not placeable:
+    scored: Scored = []
+    for seg, tpk, tdk, unit_rate in viable:
+        units = units_that_fit(c, seg) if rate is None else math.ceil(rate / unit_rate)
+        if not 1 <= units <= units_that_fit(c, seg):
+            continue
+        gpus = units * seg.gpus
+        score = (units * unit_rate, -gpus) if rate is None else (-gpus, unit_rate / seg.gpus)
+        scored.append((score, Candidate(tpk, tdk, segment=seg, units=units, predicted=units * unit_rate)))
+    if not scored:
         raise PlannerError(f"{rate} req/s does not fit in {c.num_gpus} GPUs with any node-local unit")
-    if rate is None:
-        seg, tpk, tdk = max(placeable, key=lambda s: (units_for(s) * unit_rate(s), -units_for(s) * s[0].gpus))
-    else:
-        seg, tpk, tdk = min(placeable, key=lambda s: (units_for(s) * s[0].gpus, -unit_rate(s) / s[0].gpus))
-    g_unit = unit_rate((seg, tpk, tdk))
-    units = units_for((seg, tpk, tdk))
-    replicas = _pack_units_or_fail(problem, seg, units, rate)
-    if rate is not None:
-        for _ in range(MAX_FIXUPS):
-            unit = [r for r in replicas if r.group == 0]
-            a_ttft, a_tpot = _verify_rate(problem, unit, rate / units)
-            if min(a_ttft, a_tpot) >= problem.slo.attainment:
-                break
-            units += 1
-            log(f"joint check at {rate:g} req/s missed (ttft {a_ttft:.3f}, tpot {a_tpot:.3f}): {units} units")
-            replicas = _pack_units_or_fail(problem, seg, units, rate)
-    pre, dec = PhaseChoice(tpk.tp, tpk.pp, res[tpk].rate), PhaseChoice(tdk.tp, tdk.pp, res[tdk].rate)
-    details = {"configs_evaluated": len(res), "unit_shapes": len(segs), "units": units, "segment": seg._asdict(),
-               "kv_link": "nvlink"}  # fmt: skip
-    return _finish(problem, "alg2-low-affinity", replicas, pre, dec, units * g_unit, rate,
-                   colocated_search(problem, res, log), details, log, units)  # fmt: skip
-
-
-def _pack_units_or_fail(problem: Problem, seg: Segment, units: int, rate: float | None) -> list[Replica]:
-    placed = pack_units(problem.cluster, seg, units)
-    if placed is None or units < 1:
-        raise PlannerError(
-            f"serving {rate} req/s needs {units} units of {seg.gpus} GPUs ({seg}); "
-            f"{units_that_fit(problem.cluster, seg)} fit in the cluster"
-        )
-    return placed
+    settled = _joint_choice(problem, scored, rate, log)
+    details: dict[str, object] = {
+        "configs_evaluated": len(res),
+        "unit_shapes": len(segs),
+        "kv_link": "nvlink",
+    }
+    return _finish(problem, "alg2-low-affinity", settled, rate, res, details, log)
 
 
 def plan(problem: Problem, affinity: str, rate: float | None, log: Log = lambda s: None) -> Plan:

@@ -24,11 +24,52 @@ class PhaseChoice(NamedTuple):
         return self.tp * self.pp
 
 
+class Baseline(NamedTuple):
+    """A labelled colocated baseline: the best colocated config of `engine` (a profile) and its
+    single-instance goodput with a 95% interval (`low`, `high`, req/s); `choice` None when no
+    colocated config meets the SLOs."""
+
+    label: str
+    engine: str
+    choice: PhaseChoice | None
+    low: float = 0.0
+    high: float = 0.0
+
+    @property
+    def per_gpu(self) -> float:
+        return self.choice.goodput / self.choice.gpus if self.choice else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.choice
+        return {
+            "label": self.label,
+            "engine": self.engine,
+            "colocated": None if c is None else {"tp": c.tp, "pp": c.pp, "goodput": c.goodput},
+            "goodput_ci": [self.low, self.high],
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Baseline:
+        c = d["colocated"]
+        choice = None if c is None else PhaseChoice(int(c["tp"]), int(c["pp"]), float(c["goodput"]))
+        low, high = (float(x) for x in d["goodput_ci"])
+        return Baseline(str(d["label"]), str(d["engine"]), choice, low, high)
+
+
+class Ratio(NamedTuple):
+    """Disaggregated over colocated per-GPU goodput, with a conservative 95% interval (the low end
+    divides the disaggregated low end by the colocated high end, and the other way round)."""
+
+    value: float
+    low: float
+    high: float
+
+
 @dataclass(frozen=True)
 class Plan:
     """Result of a placement search. `goodput` is the simulated joint goodput of the whole deployment
-    (req/s at which >= attainment of requests meet both SLOs); `colocated` the best colocated config
-    (tp, pp, goodput of one instance)."""
+    (req/s at which >= attainment of requests meet both SLOs), within [`goodput_low`,
+    `goodput_high`] at 95%; `baselines` the labelled colocated baselines (same engine first)."""
 
     algorithm: str
     model: str
@@ -38,7 +79,9 @@ class Plan:
     goodput: float
     attainment: float
     target_rate: float | None
-    colocated: PhaseChoice | None
+    baselines: tuple[Baseline, ...] = ()
+    goodput_low: float = 0.0
+    goodput_high: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -49,10 +92,17 @@ class Plan:
     def per_gpu_goodput(self) -> float:
         return self.goodput / self.num_gpus if self.num_gpus else 0.0
 
-    @property
-    def colocated_per_gpu(self) -> float:
-        c = self.colocated
-        return c.goodput / c.gpus if c else 0.0
+    def ratio(self, baseline: Baseline) -> Ratio | None:
+        """Per-GPU goodput over the baseline's; None when no colocated config meets the SLOs."""
+        c = baseline.choice
+        if c is None or c.goodput <= 0 or not self.num_gpus:
+            return None
+        gpus = self.num_gpus
+        return Ratio(
+            self.per_gpu_goodput / baseline.per_gpu,
+            (self.goodput_low / gpus) / (baseline.high / c.gpus) if baseline.high > 0 else 0.0,
+            (self.goodput_high / gpus) / (baseline.low / c.gpus) if baseline.low > 0 else float("inf"),
+        )
 
     def role_replicas(self, role: str) -> list[Replica]:
         return [r for r in self.replicas if r.role == role]
@@ -61,7 +111,11 @@ class Plan:
         def choice(c: PhaseChoice | None) -> dict[str, Any] | None:
             return None if c is None else {"tp": c.tp, "pp": c.pp, "goodput": c.goodput}
 
-        ratio = self.per_gpu_goodput / self.colocated_per_gpu if self.colocated_per_gpu else None
+        def compared(b: Baseline) -> dict[str, Any]:
+            r = self.ratio(b)
+            ratio = None if r is None else {"value": r.value, "ci": [r.low, r.high]}
+            return {**b.to_json(), "per_gpu_goodput": b.per_gpu, "disaggregated_over_colocated": ratio}
+
         return {
             "algorithm": self.algorithm,
             "model": self.model,
@@ -79,12 +133,11 @@ class Plan:
             ],
             "num_gpus": self.num_gpus,
             "goodput": self.goodput,
+            "goodput_ci": [self.goodput_low, self.goodput_high],
             "per_gpu_goodput": self.per_gpu_goodput,
             "attainment": self.attainment,
             "target_rate": self.target_rate,
-            "colocated": choice(self.colocated),
-            "colocated_per_gpu_goodput": self.colocated_per_gpu,
-            "disaggregated_over_colocated": ratio,
+            "baselines": [compared(b) for b in self.baselines],
             "details": self.details,
         }
 
@@ -116,7 +169,9 @@ class Plan:
                 goodput=float(data["goodput"]),
                 attainment=float(data["attainment"]),
                 target_rate=None if data.get("target_rate") is None else float(data["target_rate"]),
-                colocated=choice(data.get("colocated")),
+                baselines=tuple(Baseline.from_json(b) for b in data.get("baselines", [])),
+                goodput_low=float(data.get("goodput_ci", [0.0, 0.0])[0]),
+                goodput_high=float(data.get("goodput_ci", [0.0, 0.0])[1]),
                 details=dict(data.get("details", {})),
             )
         except (KeyError, TypeError, ValueError, AssertionError) as exc:

@@ -19,6 +19,7 @@ from planner import PlannerError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = PROFILE_DIR / "profiler-a100-80g.distserve.json"
+VLLM_PROFILE = PROFILE_DIR / "profiler-a100-80g.vllm.json"  # vLLM's measured profile, same format
 _KEYS = ("prefill", "decoding_smallbs", "decoding_largebs")
 
 
@@ -30,6 +31,10 @@ class TpProfile:
     decode_small: tuple[float, float, float]
     decode_large: tuple[float, float, float]
     threshold: int
+    # Per-iteration serving overhead (ms): what the serving loop adds to every prefill batch and
+    # decode step beyond the timed forward pass. Optional in the file ("serving_overhead_ms"),
+    # absent from DistServe's published profiles (0).
+    overhead_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for name, coef in (("prefill", self.prefill), ("decode_small", self.decode_small)):
@@ -39,14 +44,19 @@ class TpProfile:
             raise PlannerError(f"decode_large needs three finite coefficients, got {self.decode_large!r}")
         if self.threshold < 1:
             raise PlannerError(f"decoding_large_small_bs_threshold must be >= 1, got {self.threshold}")
+        if not (math.isfinite(self.overhead_ms) and self.overhead_ms >= 0):
+            raise PlannerError(f"serving_overhead_ms must be a finite number >= 0, got {self.overhead_ms}")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "decoding_large_small_bs_threshold": self.threshold,
             "prefill": list(self.prefill),
             "decoding_smallbs": list(self.decode_small),
             "decoding_largebs": list(self.decode_large),
         }
+        if self.overhead_ms:
+            out["serving_overhead_ms"] = self.overhead_ms
+        return out
 
 
 @dataclass(frozen=True)
@@ -111,12 +121,16 @@ def parse_profile(data: Any, source: str = "") -> Profile:
             threshold = entry["decoding_large_small_bs_threshold"]
             if not isinstance(threshold, (int, float)) or threshold != int(threshold):
                 raise PlannerError(f"{where}: decoding_large_small_bs_threshold must be an integer")
+            overhead = entry.get("serving_overhead_ms", 0.0)
+            if not isinstance(overhead, (int, float)) or isinstance(overhead, bool):
+                raise PlannerError(f"{where}: serving_overhead_ms must be a number")
             try:
                 parsed[int(tp_key)] = TpProfile(
                     prefill=_triple(entry["prefill"], f"{where} prefill"),
                     decode_small=_triple(entry["decoding_smallbs"], f"{where} decoding_smallbs"),
                     decode_large=_triple(entry["decoding_largebs"], f"{where} decoding_largebs"),
                     threshold=int(threshold),
+                    overhead_ms=float(overhead),
                 )
             except PlannerError as exc:
                 raise PlannerError(f"{where}: {exc}") from exc

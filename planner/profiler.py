@@ -7,17 +7,22 @@ the tensor-parallel degree measured (`--tp N`: the engine's TP=N instance, one p
 With `--pp N` the engine runs N pipeline stages and each timed step goes through all of them (the
 whole-pipeline latency of one batch, hops included); the format has no pipeline key, so such a
 profile is written under the model name with "@ppN" appended: it is there to check the planner's
-pipeline model (a stage takes 1/pp of the whole-model time plus a hop), not to plan from."""
+pipeline model (a stage takes 1/pp of the whole-model time plus a hop), not to plan from.
+
+The per-iteration serving overhead ("serving_overhead_ms") is what the engine's step loop
+(schedule -> run -> postprocess: admission, freeing, retiring finished sequences) adds to a bare
+decode step of the same batch, timed alternately on the same sequences."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,6 +64,18 @@ class ProfileGrid:
         return ProfileGrid((1, 2, 4), (16, 64, 128, 256), (1, 2, 4, 8, 16), (32, 128), 3, 2, 1024)
 
 
+class Measurements(NamedTuple):
+    """What the profiler timed: prefill and decode samples (ms) and the serving overhead per step."""
+
+    prefill: list[PrefillSample]
+    decode: list[DecodeSample]
+    overhead_ms: float
+
+
+OVERHEAD_BATCHES = (1, 4, 16)
+OVERHEAD_STEPS = 8
+
+
 def _timer(device: str) -> Callable[[], float]:
     if device.startswith("cuda"):
         import torch
@@ -73,7 +90,7 @@ def _timer(device: str) -> Callable[[], float]:
 
 def measure(
     model_dir: str, device: str, grid: ProfileGrid, num_threads: int | None = None, tp: int = 1, pp: int = 1
-) -> tuple[list[PrefillSample], list[DecodeSample]]:
+) -> Measurements:
     """Run the engine over the grid; times in milliseconds, the minimum of `repeats` runs (other load on
     the machine only ever adds time, so the minimum is the engine's own cost)."""
     from engine.config import EngineConfig
@@ -102,7 +119,7 @@ def measure(
 
 def _measure(
     eng: Any, vocab: int, max_len: int, grid: ProfileGrid, clock: Callable[[], float]
-) -> tuple[list[PrefillSample], list[DecodeSample]]:
+) -> Measurements:
     from engine.sampling import SamplingParams
     from engine.sequence import Sequence
 
@@ -158,15 +175,34 @@ def _measure(
             for step, times in per_step.items():
                 # Before step k each sequence holds n + k tokens of KV and adds one: T = b*(n+k+1).
                 dec.append(DecodeSample(b * (n + step + 1), b, min(times)))
-    return pre, dec
+    return Measurements(pre, dec, _overhead_ms(eng, seqs, clock))
 
 
-def build_profile(
-    name: str, pre: list[PrefillSample], dec: list[DecodeSample], tp: int = 1
-) -> tuple[Profile, FitError, FitError]:
-    prefill, e_p = fit_prefill(pre)
-    d, e_d = fit_decode(dec)
-    coefficients = TpProfile(prefill, d.decode_small, d.decode_large, d.threshold)
+def _overhead_ms(eng: Any, seqs: Callable[[int, int, int], list[Any]], clock: Callable[[], float]) -> float:
+    """Median over steps of (engine.step() - engine.decode_step()) on the same running batch, the
+    two timed alternately so that drift in machine load cancels; clamped at 0."""
+    diffs: list[float] = []
+    for b in OVERHEAD_BATCHES:
+        batch = seqs(b, 64, 2 * OVERHEAD_STEPS + 2)
+        for s in batch:
+            eng.add(s)
+        while any(not s.output_ids for s in batch):
+            eng.step()  # prefill through the loop: the sequences are now the scheduler's running batch
+        for _ in range(OVERHEAD_STEPS):
+            t0 = clock()
+            eng.step()
+            t1 = clock()
+            eng.decode_step(batch)
+            diffs.append((t1 - t0) - (clock() - t1))
+        for s in batch:
+            eng.abort(s)
+    return max(0.0, statistics.median(diffs) * 1000.0)
+
+
+def build_profile(name: str, m: Measurements, tp: int = 1) -> tuple[Profile, FitError, FitError]:
+    prefill, e_p = fit_prefill(m.prefill)
+    d, e_d = fit_decode(m.decode)
+    coefficients = TpProfile(prefill, d.decode_small, d.decode_large, d.threshold, m.overhead_ms)
     return Profile({name: {tp: coefficients}}, source="profiler"), e_p, e_d
 
 
@@ -174,13 +210,13 @@ def cmd_profile(a: argparse.Namespace) -> int:
     grid = ProfileGrid.quick() if a.quick else ProfileGrid(repeats=a.repeats)
     spec = from_hf_config(a.model)
     t0 = time.perf_counter()
-    pre, dec = measure(a.model, a.device, grid, a.num_threads, a.tp, a.pp)
+    m = measure(a.model, a.device, grid, a.num_threads, a.tp, a.pp)
     name = a.name or spec.name
-    prof, e_p, e_d = build_profile(name if a.pp == 1 else f"{name}@pp{a.pp}", pre, dec, a.tp)
+    prof, e_p, e_d = build_profile(name if a.pp == 1 else f"{name}@pp{a.pp}", m, a.tp)
     save_profile(prof, a.out)
     if a.samples:
-        rows = [{"phase": "prefill", **s._asdict()} for s in pre] + [
-            {"phase": "decode", **s._asdict()} for s in dec
+        rows = [{"phase": "prefill", **s._asdict()} for s in m.prefill] + [
+            {"phase": "decode", **s._asdict()} for s in m.decode
         ]
         Path(a.samples).write_text(json.dumps(rows, indent=1) + "\n")
     print(
@@ -188,6 +224,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
     )
     print(f"  prefill fit: {e_p.samples} shapes, relative error mean {e_p.mean:.1%}, max {e_p.max:.1%}")
     print(f"  decode fit:  {e_d.samples} shapes, relative error mean {e_d.mean:.1%}, max {e_d.max:.1%}")
+    print(f"  serving overhead: {m.overhead_ms:.3f} ms per step")
     print(json.dumps(prof.to_json(), indent=2))
     return 0
 

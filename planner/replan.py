@@ -24,7 +24,7 @@ import numpy as np
 from planner import PlannerError
 from planner.goodput import attainment_at
 from planner.inputs import PlanInputs
-from planner.placement import joint_config
+from planner.joint import joint_config
 from planner.placement import plan as run_plan
 from planner.plan import Plan, load_plan, save_plan
 from planner.report import describe

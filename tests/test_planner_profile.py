@@ -76,6 +76,27 @@ def test_malformed_profile_is_named(data: object, message: str) -> None:
         parse_profile(data, "x.json")
 
 
+def test_serving_overhead_is_an_optional_profile_field(tmp_path: Path) -> None:
+    entry = {"prefill": [1, 2, 3], "decoding_smallbs": [1, 2, 3], "decoding_largebs": [1, 2, 3],
+             "decoding_large_small_bs_threshold": 8}  # fmt: skip
+    assert parse_profile({"m": {"1": entry}}).for_model("m")[1].overhead_ms == 0.0
+    prof = parse_profile({"m": {"1": {**entry, "serving_overhead_ms": 0.75}}})
+    assert prof.for_model("m")[1].overhead_ms == 0.75
+    save_profile(prof, tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json").models == prof.models
+    with pytest.raises(PlannerError, match="serving_overhead_ms must be a number"):
+        parse_profile({"m": {"1": {**entry, "serving_overhead_ms": "1"}}})
+    with pytest.raises(PlannerError, match=">= 0"):
+        parse_profile({"m": {"1": {**entry, "serving_overhead_ms": -1}}})
+    # The latency model adds it to every prefill batch and decode step.
+    lat0, lat1 = (
+        phase_latency({1: parse_profile({"m": {"1": entry}}).for_model("m")[1]}, 1, 1),
+        phase_latency(prof.for_model("m"), 1, 1),
+    )
+    assert lat1.prefill_full(10, 100) - lat0.prefill_full(10, 100) == pytest.approx(0.00075)
+    assert lat1.decode_step(100, 4) - lat0.decode_step(100, 4) == pytest.approx(0.00075)
+
+
 def test_profile_file_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

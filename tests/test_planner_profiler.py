@@ -36,6 +36,10 @@ def check(out: Path, samples: Path, tp: int = 1, name: str = "tiny-llama") -> No
     # Physically necessary: more prompt tokens, or more context, cost more time.
     assert lat.prefill_full(1024, 4 * 256**2) > lat.prefill_full(16, 16**2) > 0
     assert lat.decode_full(16 * 200, 16) > lat.decode_full(1 * 40, 1) > 0
+    # The step loop's overhead was measured (a clamped median: >= 0) and is written in the file
+    # whenever it is positive; a few ms would mean the loop does far more than schedule and retire.
+    raw = json.loads(out.read_text())[name][str(tp)]
+    assert 0 <= prof.for_model(name)[tp].overhead_ms == raw.get("serving_overhead_ms", 0.0) < 5
     rows = json.loads(samples.read_text())
     assert {r["phase"] for r in rows} == {"prefill", "decode"}
     assert all(r["ms"] > 0 for r in rows)

@@ -66,6 +66,27 @@ def test_a_prefill_holding_a_stage_delays_the_decode_micro_batch_waiting_for_it(
     assert delay == pytest.approx(prefill_stage_s - early, abs=1e-9)
 
 
+@pytest.mark.parametrize("pp", [1, 2])
+def test_the_serving_overhead_is_added_to_every_step(pp: int) -> None:
+    """A lone request: its TTFT grows by one overhead (one prefill batch), and every decode step,
+    hence its TPOT, by one overhead too."""
+    prompt, output, overhead_ms = 30, 25, 0.8
+    slow = TpProfile(FLAT.prefill, FLAT.decode_small, FLAT.decode_large, FLAT.threshold, overhead_ms)
+    runs = [
+        simulate(
+            SimConfig(
+                colocated=(Instance(PhaseLatency(1, pp, coef, HOP_MS), 100_000, 64),), token_budget=1000
+            ),
+            np.zeros(1),
+            np.array([prompt]),
+            np.array([output]),
+        )
+        for coef in (FLAT, slow)
+    ]
+    assert runs[1].ttft[0] - runs[0].ttft[0] == pytest.approx(overhead_ms / 1000, rel=1e-9)
+    assert runs[1].tpot[0] - runs[0].tpot[0] == pytest.approx(overhead_ms / 1000, rel=1e-9)
+
+
 def test_one_micro_batch_alone_takes_the_whole_pipeline_per_step() -> None:
     """With pp=2 and one running sequence, each token costs both stages plus both hops (the other
     stage idles: a bubble), so the sequence decodes no faster than at pp=1 plus the hops."""

@@ -147,6 +147,7 @@ class ContinuousBatcher:
             *(x / 1000.0 for x in lat.coef.decode_large),
             lat.coef.threshold,
             lat.pp * lat.hop_ms / 1000.0,
+            lat.coef.overhead_ms / 1000.0,
         )
         self._on_step_done: Handler = self.on_step_done  # bound once, scheduled many times
 
@@ -172,14 +173,14 @@ class ContinuousBatcher:
         lane.joining.clear()
         batch = lane.size
         lane.running = True
-        a0, b0, c0, a1, b1, c1, threshold, hops = self.step_model
+        a0, b0, c0, a1, b1, c1, threshold, hops, overhead = self.step_model
         tokens = lane.context_tokens + batch  # T of the profile: sum over the batch of context + 1
         if batch <= threshold:
             dt, growth = a0 + b0 * tokens + c0 * batch, b0 * batch
         else:
             dt, growth = a1 + b1 * tokens + c1 * batch, b1 * batch
         if self.stages is not None:  # one step through the shared stages
-            stage_s = (dt if dt > 0.0 else 0.0) / len(self.lanes) + self.hop_s
+            stage_s = ((dt if dt > 0.0 else 0.0) + overhead) / len(self.lanes) + self.hop_s
             end = self.stages.pass_through(t, stage_s)
             lane.segment_start, lane.first_step_s, lane.step_growth_s = t, end - t, 0.0
             lane.segment_steps, lane.compute_s = 1, stage_s * len(self.lanes)
@@ -190,7 +191,7 @@ class ContinuousBatcher:
         if dt <= 0.0 or growth < 0.0 or k < 1:
             k = 1  # clamped or shrinking step times: the closed form does not hold, step by step
         lane.segment_start = t
-        lane.first_step_s = (dt if dt > 0.0 else 0.0) + hops
+        lane.first_step_s = (dt if dt > 0.0 else 0.0) + overhead + hops
         lane.step_growth_s = growth
         lane.segment_steps = min(k, self.max_steps)
         lane.version += 1

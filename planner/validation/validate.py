@@ -92,8 +92,9 @@ QUICK_CALIBRATION = CalibrationPlan(
 def take_profile(model_dir: str, out: Path, log: Any, grid: ProfileGrid = VALIDATION_GRID) -> TpProfile:
     """Profile the engine on CPU with one torch thread (as in the default deployment)."""
     t0 = time.perf_counter()
-    pre, dec = measure(model_dir, "cpu", grid, num_threads=1)
-    prof, e_p, e_d = build_profile(from_hf_config(model_dir).name, pre, dec)
+    prof, e_p, e_d = build_profile(
+        from_hf_config(model_dir).name, measure(model_dir, "cpu", grid, num_threads=1)
+    )
     save_profile(prof, out / "profile.json")
     log(
         f"profiled in {time.perf_counter() - t0:.0f}s (num_threads=1): fit error prefill mean "
