@@ -64,7 +64,9 @@ class Candidate:
         p, d = self.prefill, self.decode
         if self.segment is not None:
             s = self.segment
-            return f"{self.units} unit(s) of prefill ({s.tp_p},{p.pp}) x {s.k_p} + decode ({s.tp_d},{d.pp}) x {s.k_d}"
+            return (
+                f"{self.units} x [prefill ({s.tp_p},{p.pp}) x {s.k_p} + decode ({s.tp_d},{d.pp}) x {s.k_d}]"
+            )
         return f"prefill ({p.tp},{p.pp}) x {self.n_p} + decode ({d.tp},{d.pp}) x {self.n_d}"
 
     def to_json(self) -> dict[str, object]:
