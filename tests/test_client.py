@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,3 +179,27 @@ def test_bench_run_measures_ttft_like_the_server(server: TritonServer) -> None:
     # The client measures from send, the server from arrival in the model: the client's is larger
     # by the network and queueing in front of the model, a few ms on loopback.
     assert server_mean <= s["ttft"]["mean"] <= server_mean * 1.25 + 0.02
+
+
+def test_bench_overhead_measures_both_paths(server: TritonServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m client.bench overhead`, short: both models at 1 and 2 streams, the ratios and the
+    last line, and the JSON agrees with what was printed."""
+    from client.bench.cli import main as bench_main
+
+    out = Path(tempfile.mkdtemp()) / "overhead.json"
+    argv = ["overhead", "--url", server.grpc_url, "--streams", "1,2", "--rounds", "2", "--requests", "2",
+            "--max-tokens", "8", "--out", str(out)]  # fmt: skip
+    assert bench_main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out.read_text())
+    assert [r["streams"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        for model in ("orchestrator", "colocated"):
+            s = row[model]
+            assert 0 < s["ttft_p50_ms"] <= s["ttft_p90_ms"] and 0 < s["tpot_p50_ms"] <= s["tpot_p90_ms"]
+        assert row["tpot_ratio"] == pytest.approx(
+            row["orchestrator"]["tpot_p50_ms"] / row["colocated"]["tpot_p50_ms"]
+        )
+    worst = max(r["tpot_ratio"] for r in result["rows"])
+    extra = max(r["ttft_extra_ms"] for r in result["rows"])
+    assert printed[-1] == f"overhead: TPOT ratio {worst:.2f}, TTFT {extra:+.1f} ms"

@@ -11,6 +11,7 @@ from typing import Any
 
 from backends.colocated.worker import ColocatedMetrics, ColocatedWorker
 from backends.common import metrics as M
+from backends.common import trace
 from backends.common.client_stream import ClientStream, LatencyMetrics
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
@@ -24,6 +25,7 @@ from engine.tokenizer import load_tokenizer
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        trace.configure(args["model_name"])
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
         engine_config = params.engine_config(root)
@@ -42,12 +44,14 @@ class TritonPythonModel:
                 free_blocks=m.create(M.KV_FREE_BLOCKS),
                 batch_size=m.create(M.DECODE_BATCH_SIZE),
                 cancelled=m.create(M.CANCELLED),
+                prefill_seconds=m.create(M.PREFILL_SECONDS),
             ),
         )
         freeze_startup_heap()
 
     def execute(self, requests: list[Any]) -> None:
         arrived = time.perf_counter()  # before the lock: waiting for it is part of TTFT
+        trace.mark("arrive")
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
             self._accept(requests, arrived)
 

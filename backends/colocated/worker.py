@@ -3,8 +3,10 @@ over every running sequence, as vLLM does), streaming each token to its client."
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
+from backends.common import trace
 from backends.common.client_stream import ClientStream
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.worker_loop import WorkerLoop
@@ -18,6 +20,7 @@ class ColocatedMetrics(NamedTuple):
     free_blocks: Gauge = NULL
     batch_size: Histogram = NULL
     cancelled: Counter = NULL
+    prefill_seconds: Histogram = NULL
 
 
 class ColocatedWorker(WorkerLoop[tuple[Sequence, ClientStream]]):
@@ -38,10 +41,14 @@ class ColocatedWorker(WorkerLoop[tuple[Sequence, ClientStream]]):
             self.idle(0.2)
             return
         self._drop_cancelled()
+        started = time.perf_counter()
         result = self.engine.step()
+        if result.kind == "prefill":
+            self.metrics.prefill_seconds.observe(time.perf_counter() - started)
         if result.kind == "idle":
             self.idle(0.05)
             return
+        trace.mark("step" if result.kind == "decode" else result.kind)
         if result.kind == "decode":
             self.metrics.batch_size.observe(len(result.outputs))
         for out in result.outputs:

@@ -72,6 +72,12 @@ KV_FREE_BLOCKS = MetricSpec("disagg_kv_free_blocks", "gauge", "Free KV blocks in
 KV_ACTIVE_LEASES = MetricSpec(
     "disagg_kv_active_leases", "gauge", "KV leases waiting for a decode instance to pull"
 )
+PREFILL_SECONDS = MetricSpec(
+    "disagg_prefill_seconds",
+    "histogram",
+    "Engine time of one prefill batch: the prompts' forward pass and first tokens",
+    LATENCY_BUCKETS,
+)
 PREFILL_BATCH_TOKENS = MetricSpec(
     "disagg_prefill_batch_tokens",
     "histogram",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from backends.common import trace
 from backends.common.metrics import MetricSpec
 from backends.common.stub_lock import PB_LOCK
 from backends.message import InbandError, Message, Tensors, TensorSpec
@@ -43,7 +44,9 @@ class TritonSink:
         self._lock = threading.Lock()
         self._closed = False
         self._cancelled = False
-        self._checked_at = 0.0
+        # A request is not asked about right away: the first real check (an IPC round trip) comes
+        # CANCEL_POLL_S after it arrived, off the path to its first token.
+        self._checked_at = time.monotonic()
 
     def send(self, message: Message, final: bool) -> None:
         tensors = [
@@ -61,6 +64,11 @@ class TritonSink:
         waiting for leased blocks waited on the decode calls queued behind it.
         """
         self._send(pb_utils.InferenceResponse(output_tensors=[]), final=False)
+
+    def accepted(self) -> None:
+        """Sends an empty, final response: the request is accepted and will be answered on its
+        token channel (backends/common/channel.py)."""
+        self._send(pb_utils.InferenceResponse(output_tensors=[]), final=True)
 
     def error(self, message: str) -> None:
         if self._inband:  # for models called through BLS (see message.phases)
@@ -89,7 +97,9 @@ class TritonSink:
             flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
             try:
                 with PB_LOCK:
+                    trace.mark("send")
                     self._sender.send(response, flags=flags)
+                    trace.mark("sent")
             except Exception as exc:  # the client is gone; nothing else to do for this request
                 log.info("could not send a response: %s", exc)
                 self._closed = True

@@ -4,7 +4,9 @@ Takes a DecodeRequest (input_ids: the prompt, first_token, kv_handle from prefil
 sampling inputs) or a DecodeCancel (backends.message). Pulls the KV named by the handle into its
 own pool, then decodes with continuous batching over every request it holds, streaming
 DecodeChunks (each has the tokens made since the previous one: one, unless its send fell behind;
-see common/outbox.py) and, on the last one, finish_reason with the final flag.
+see common/outbox.py) and, on the last one, finish_reason with the final flag. A DecodeRequest
+with a `reply_to` token channel is answered "accepted" on the call, and its chunks go over the
+channel instead (common/channel.py), written straight from the engine loop.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 from typing import Any
 
 from backends.common import metrics as M
+from backends.common import trace
+from backends.common.channel import Channels
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
 from backends.common.pools import RankPools
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        trace.configure(args["model_name"])
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
         engine_config = params.engine_config(root)
@@ -46,6 +51,7 @@ class TritonPythonModel:
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
         # Tokens go out from the outbox's thread: the decode loop never waits on a send.
         self.outbox = Outbox(name="decode-outbox")
+        self.channels = Channels(args["model_name"])
         self.worker = DecodeWorker(
             self.engine,
             self.receiver,
@@ -79,8 +85,15 @@ class TritonPythonModel:
                     continue
                 seq = self._sequence(message)
                 handle = KVHandle.decode(message.kv_handle)
+                channel = (
+                    self.channels.sink(message.reply_to, message.request_id) if message.reply_to else None
+                )
             except (RequestError, KVHandleError) as e:
                 sink.error(str(e))
+                continue
+            if channel is not None:
+                sink.accepted()  # the rest goes over the channel
+                self.worker.submit(DecodeJob(seq, handle, channel))
                 continue
             sink.acknowledge()  # directly: before any token of this request
             self.worker.submit(DecodeJob(seq, handle, self.outbox.sink(sink)))
@@ -94,6 +107,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.worker.stop()
         self.outbox.close()  # after the worker has ended every request: their final responses
+        self.channels.close()
         self.receiver.close()
         self.engine.close()
         self.pools.close()

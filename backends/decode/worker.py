@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from backends.common import trace
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink
 from backends.common.worker_loop import WorkerLoop
@@ -217,6 +218,7 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
         assert oldest.step is not None
         seqs = oldest.step.seqs
         tokens = self.engine.complete(oldest.step)
+        trace.mark("step")
         self._batches.landed()
         for seq, token in zip(seqs, tokens, strict=True):
             job = self._running[seq]

@@ -74,13 +74,16 @@ class Sampling(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class PrefillRequest(Sampling):
-    """Orchestrator -> prefill: a prompt to prefill."""
+    """Orchestrator -> prefill: a prompt to prefill. With `reply_to` (a token channel, wire.py;
+    it needs a request_id of 32 hex digits) the BLS call is answered with one empty final response
+    once the request is accepted, and the PrefillResult goes over the channel."""
 
     SPECS: ClassVar[tuple[TensorSpec, ...]] = PREFILL_INPUTS
     REPLY: ClassVar[tuple[TensorSpec, ...]] = PREFILL_OUTPUTS
 
     input_ids: tuple[int, ...]
     request_id: str | None = None
+    reply_to: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +102,10 @@ class PrefillResult(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeRequest(Sampling):
-    """Orchestrator -> decode: continue a prefilled sequence whose KV the handle names."""
+    """Orchestrator -> decode: continue a prefilled sequence whose KV the handle names. With
+    `reply_to` (a token channel, wire.py) the BLS call is answered with one empty final response
+    once the request is accepted, and the tokens go over the channel; without, they stream back
+    as DecodeChunks on the call."""
 
     SPECS: ClassVar[tuple[TensorSpec, ...]] = DECODE_INPUTS
     REPLY: ClassVar[tuple[TensorSpec, ...]] = DECODE_OUTPUTS
@@ -108,6 +114,7 @@ class DecodeRequest(Sampling):
     first_token: int
     kv_handle: bytes
     request_id: str = ""
+    reply_to: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -46,6 +46,7 @@ PREFILL_INPUTS = (
     TensorSpec("input_ids", "TYPE_INT32", (-1,)),
     *SAMPLING_INPUTS,
     TensorSpec("request_id", "TYPE_STRING", (1,), optional=True),
+    TensorSpec("reply_to", "TYPE_STRING", (1,), optional=True),
 )
 # Prefill and decode are called by the orchestrator through BLS, where an error response from a
 # python model is lost (2.51), so they report errors in-band: finish_reason "error" and the
@@ -53,7 +54,8 @@ PREFILL_INPUTS = (
 ERROR_OUTPUT = TensorSpec("error_message", "TYPE_STRING", (1,))
 
 # Prefill and decode answer every request they accept at once with an empty response (no output
-# tensors), then with their results (TritonSink.acknowledge says why).
+# tensors), then with their results (TritonSink.acknowledge says why); a request with a reply_to
+# token channel gets an empty final response, and its results go over the channel (wire.py).
 INBAND_ERROR_OUTPUTS = (TensorSpec("finish_reason", "TYPE_STRING", (1,)), ERROR_OUTPUT)
 PREFILL_OUTPUTS = (
     TensorSpec("first_token", "TYPE_INT32", (1,)),
@@ -73,6 +75,7 @@ DECODE_INPUTS = (
     *(spec._replace(optional=True) for spec in SAMPLING_INPUTS),
     TensorSpec("request_id", "TYPE_STRING", (1,), optional=True),
     TensorSpec("cancel", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("reply_to", "TYPE_STRING", (1,), optional=True),
 )
 DECODE_OUTPUTS = (
     TensorSpec("output_ids", "TYPE_INT32", (-1,)),

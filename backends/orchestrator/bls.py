@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from backends.common import trace
 from backends.common.stub_lock import PB_LOCK
 
 
@@ -101,6 +102,7 @@ class BLSResponses:
                         if tensor is not None:
                             out[name] = np.array(tensor.as_numpy(), copy=True)
                     tensor = response = None
+                    trace.mark("read")
                 if error is not None:
                     raise self._error_type(error)
                 if out:

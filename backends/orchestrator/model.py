@@ -19,12 +19,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.common import metrics as M
+from backends.common import trace
 from backends.common.client_stream import ClientStream, LatencyMetrics
 from backends.common.params import OrchestratorParams, model_parameters, resolve_model_dir
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
 from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest
 from backends.message.specs import CLIENT_INPUTS
 from backends.orchestrator.bls import BLSResponses, RetiredIterators
+from backends.orchestrator.inbox import TokenInbox
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import RoutingTable
 from engine.errors import RequestError
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        trace.configure(args["model_name"])
         raw, root = model_parameters(args)
         params = OrchestratorParams.from_parameters(raw)
         self.tokenizer = load_tokenizer(resolve_model_dir(params.model_dir, root))
@@ -45,7 +48,9 @@ class TritonPythonModel:
         timeouts = Timeouts(
             prefill_s=params.prefill_timeout_seconds, decode_stall_s=params.decode_stall_timeout_seconds
         )
-        self.pipeline = Pipeline(self._call, routes, self.leases, timeouts)
+        # Decode's tokens come back over a token channel, not through the server (docs/overhead.md).
+        self.inbox = TokenInbox()
+        self.pipeline = Pipeline(self._call, routes, self.leases, timeouts, self.inbox)
         # Each in-flight request holds a thread while it waits on BLS responses (the BLS response
         # iterator blocks), so the pool size is the number of concurrent requests served.
         self.pool = ThreadPoolExecutor(params.max_concurrent_requests, thread_name_prefix="orch")
@@ -63,11 +68,13 @@ class TritonPythonModel:
             requested_output_names=names,
         )
         with PB_LOCK:
+            trace.mark("o.locked", getattr(message, "request_id", "") or "")
             iterator = request.exec(decoupled=True)
         return BLSResponses(iterator, names, self.retired, PhaseError)
 
     def execute(self, requests: list[Any]) -> None:
         arrived = time.perf_counter()  # before the lock: waiting for it is part of TTFT
+        trace.mark("arrive")
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
             self._accept(requests, arrived)
 
@@ -85,6 +92,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.inbox.close()
         self.leases.close()
         self.retired.clear()
         self.metric_registry.close()

@@ -4,7 +4,8 @@ Kept free of pb_utils: the model passes in `call`, which sends a message (backen
 model as a BLS request and returns an iterable of its responses' tensors. What the 2.51 python backend cannot do for us is done here:
 errors arrive in-band (finish_reason "error"), a stop word or a client cancel is sent down to
 decode as an explicit cancel request, and a callee that stops answering (its process died) is
-detected by a stall timeout instead of hanging the client.
+detected by a stall timeout instead of hanging the client. With a TokenInbox (inbox.py) decode's
+tokens come back over the token channel instead of the BLS call, outside the server.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from backends.common import trace
 from backends.common.client_stream import ClientStream
 from backends.common.params import OrchestratorParams
 from backends.message import (
@@ -29,6 +31,7 @@ from backends.message import (
     Sampling,
     Tensors,
 )
+from backends.orchestrator.inbox import Item, TokenInbox
 from backends.orchestrator.router import RoutingTable
 from engine.sampling import SamplingParams
 from kv_transfer import LeaseReleaser
@@ -105,11 +108,13 @@ class Pipeline:
         routes: RoutingTable,
         leases: LeaseReleaser,
         timeouts: Timeouts | None = None,
+        inbox: TokenInbox | None = None,
     ) -> None:
         self.call = call
         self.routes = routes
         self.leases = leases
         self.timeouts = timeouts or Timeouts()
+        self.inbox = inbox
 
     def run(self, ids: list[int], params: SamplingParams, stream: ClientStream) -> None:
         """Streams the request's tokens into `stream`; always ends it (final response or error)."""
@@ -125,37 +130,120 @@ class Pipeline:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         sampling = Sampling.fields_of(params, seed)
         prefill, decode = self.routes.pick()
+        request_id = secrets.token_hex(16)
+        trace.mark("o.start", request_id)
+        reply_to = self.inbox.reply_to if self.inbox is not None else ""
         with prefill.route(len(ids)) as model:
-            request = PrefillRequest(input_ids=tuple(ids), **sampling)  # type: ignore[arg-type]
-            first = self._first(watched(self.call(model, request), self.timeouts.prefill_s, "prefill"))
-        if stream.push([first.first_token], first.finish_reason or None) or stream.is_cancelled():
+            request = PrefillRequest(
+                input_ids=tuple(ids),
+                request_id=request_id,
+                reply_to=reply_to,
+                **sampling,  # type: ignore[arg-type]
+            )
+            first = self._prefill(model, request)
+        trace.mark("o.result", request_id)
+        ended = stream.push([first.first_token], first.finish_reason or None)
+        trace.mark("o.pushed", request_id)
+        if ended or stream.is_cancelled():
             if first.kv_handle:  # nobody will pull it
                 self.leases.release(first.kv_handle)
             return
-        request_id = secrets.token_hex(16)
         continuation = DecodeRequest(
             input_ids=tuple(ids),
             first_token=first.first_token,
             kv_handle=first.kv_handle,
             request_id=request_id,
+            reply_to=reply_to,
             **sampling,  # type: ignore[arg-type]
         )
         with decode.route(params.max_tokens - 1) as model:
-            responses = self.call(model, continuation)
-            for batch in watched_batches(responses, self.timeouts.decode_stall_s, "decode"):
-                if stream.is_cancelled():
-                    self._cancel(model, request_id)
-                    return
-                # Everything decode sent while this request's last send was under way goes in one.
-                chunk = functools.reduce(DecodeChunk.merge, map(DecodeChunk.from_tensors, batch))
-                if chunk.is_heartbeat:
-                    continue
-                if stream.push(list(chunk.output_ids), chunk.finish_reason or None):
-                    if not chunk.finish_reason:  # a stop word: decode must stop too
-                        self._cancel(model, request_id)
-                    return
+            if self.inbox is None:
+                responses = self.call(model, continuation)
+                batches = (
+                    list(map(DecodeChunk.from_tensors, b))
+                    for b in watched_batches(responses, self.timeouts.decode_stall_s, "decode")
+                )
+                self._forward(model, request_id, batches, stream)
+            else:
+                items = self.inbox.open(request_id, model)
+                try:
+                    for _ in watched(self.call(model, continuation), self.timeouts.decode_stall_s, "decode"):
+                        pass  # "accepted" (or an in-band error, raised)
+                    self._forward(model, request_id, self._channel(items), stream)
+                finally:
+                    self.inbox.close_stream(request_id)
         if not stream.done:
             stream.error("decode ended without a final token")
+
+    def _prefill(self, model: str, request: PrefillRequest) -> PrefillResult:
+        """The prefill result: over the token channel (the call is only answered "accepted"), or
+        on the BLS call without one."""
+        timeout_s = self.timeouts.prefill_s
+        if self.inbox is None or not request.reply_to or not request.request_id:
+            return self._first(watched(self.call(model, request), timeout_s, "prefill"))
+        items = self.inbox.open(request.request_id, model)  # before the call: the result may be quick
+        try:
+            for _ in watched(self.call(model, request), timeout_s, "prefill"):
+                pass  # "accepted" (or an in-band error, raised)
+            try:
+                kind, value = items.get(timeout=timeout_s)
+            except queue.Empty:
+                raise PhaseError(
+                    f"prefill sent nothing for {timeout_s:g} s; the instance may be down"
+                ) from None
+            if kind != "result":
+                raise PhaseError(str(value))
+            assert isinstance(value, PrefillResult)
+            return value
+        finally:
+            self.inbox.close_stream(request.request_id)
+
+    def _forward(
+        self, model: str, request_id: str, batches: Iterable[list[DecodeChunk]], stream: ClientStream
+    ) -> None:
+        """Decode's chunks to the client until the end, a stop word or a cancel."""
+        for batch in batches:
+            if stream.is_cancelled():
+                self._cancel(model, request_id)
+                return
+            # Everything decode sent while this request's last send was under way goes in one.
+            chunk = functools.reduce(DecodeChunk.merge, batch)
+            if chunk.is_heartbeat:
+                continue
+            if stream.push(list(chunk.output_ids), chunk.finish_reason or None):
+                if not chunk.finish_reason:  # a stop word: decode must stop too
+                    self._cancel(model, request_id)
+                return
+
+    def _channel(self, items: queue.SimpleQueue[Item]) -> Iterator[list[DecodeChunk]]:
+        """The request's chunks from the token channel, all that have arrived at once; PhaseError
+        on an error, a lost connection, or nothing for the stall timeout."""
+        timeout_s = self.timeouts.decode_stall_s
+        while True:
+            try:
+                got = [items.get(timeout=timeout_s)]
+            except queue.Empty:
+                raise PhaseError(
+                    f"decode sent nothing for {timeout_s:g} s; the instance may be down"
+                ) from None
+            while True:
+                try:
+                    got.append(items.get_nowait())
+                except queue.Empty:
+                    break
+            batch: list[DecodeChunk] = []
+            for kind, value in got:
+                if kind == "chunk":
+                    assert isinstance(value, DecodeChunk)
+                    batch.append(value)
+                    if value.finish_reason:
+                        yield batch
+                        return
+                    continue
+                if batch:
+                    yield batch
+                raise PhaseError(str(value))
+            yield batch
 
     def _cancel(self, model: str, request_id: str) -> None:
         try:

@@ -3,6 +3,8 @@
 Takes a PrefillRequest (input_ids, max_tokens and the sampling inputs; backends.message) and
 answers with a PrefillResult: first_token, kv_handle (empty when the first token already ended the
 request) and finish_reason. The KV stays in this instance's pool under lease until a decode instance pulls it.
+A request with a `reply_to` token channel is answered "accepted" on the call, and its result goes
+over the channel (common/channel.py), written straight from the engine loop.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import logging
 from typing import Any
 
 from backends.common import metrics as M
+from backends.common import trace
+from backends.common.channel import Channels
 from backends.common.params import EngineParams, model_parameters
 from backends.common.pools import RankPools
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        trace.configure(args["model_name"])
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
         engine_config = params.engine_config(root)
@@ -43,6 +48,7 @@ class TritonPythonModel:
         )
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
+        self.channels = Channels(args["model_name"])
         self.worker = PrefillWorker(
             self.engine,
             self.sender,
@@ -53,6 +59,7 @@ class TritonPythonModel:
                 batch_tokens=m.create(M.PREFILL_BATCH_TOKENS),
                 queue_seconds=m.create(M.PREFILL_QUEUE_SECONDS),
                 cancelled=m.create(M.CANCELLED),
+                prefill_seconds=m.create(M.PREFILL_SECONDS),
             ),
         )
         log.info(
@@ -64,6 +71,7 @@ class TritonPythonModel:
         freeze_startup_heap()
 
     def execute(self, requests: list[Any]) -> None:
+        trace.mark("arrive")
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
             self._accept(requests)
 
@@ -74,17 +82,25 @@ class TritonPythonModel:
                 if self.engine.dead is not None:
                     raise RequestError(f"prefill instance out of service: {self.engine.dead}")
                 req = PrefillRequest.from_tensors(read_inputs(request, PrefillRequest.SPECS))
+                rid = req.request_id or ""
+                trace.mark("p.arrive", rid)
+                channel = self.channels.sink(req.reply_to, rid) if req.reply_to else None
                 seq = self.engine.new_sequence(
                     list(req.input_ids), req.sampling_params(), request.request_id()
                 )
             except RequestError as e:
                 sink.error(str(e))
                 continue
-            sink.acknowledge()
-            self.worker.submit(PrefillJob(seq, sink))
+            if channel is not None:
+                sink.accepted()  # the result goes over the channel
+            else:
+                sink.acknowledge()  # directly: the result follows on this call
+            trace.mark("p.acked", rid)
+            self.worker.submit(PrefillJob(seq, channel or sink, trace_id=rid))
 
     def finalize(self) -> None:
         self.worker.stop()
+        self.channels.close()  # after the worker has ended every request
         self.sender.close()
         self.engine.close()
         self.pools.close()

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from backends.common import trace
 from backends.common.metrics import NULL, Counter, Gauge, Histogram
 from backends.common.sink import ResponseSink
 from backends.common.worker_loop import WorkerLoop
@@ -34,6 +35,7 @@ class PrefillJob:
     seq: Sequence
     sink: ResponseSink
     arrived: float = field(default_factory=time.perf_counter)
+    trace_id: str = ""  # the request_id its trace marks are tagged with (common/trace.py)
 
 
 class PrefillMetrics(NamedTuple):
@@ -43,6 +45,7 @@ class PrefillMetrics(NamedTuple):
     batch_tokens: Histogram = NULL
     queue_seconds: Histogram = NULL
     cancelled: Counter = NULL
+    prefill_seconds: Histogram = NULL
 
 
 class PrefillWorker(WorkerLoop[PrefillJob]):
@@ -56,7 +59,7 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
         self._waiting: deque[PrefillJob] = deque()
         # Batches launched and not yet completed, oldest first: with pp stages up to pp are in the
         # pipeline at once (a new batch enters stage 0 as soon as stage 0 is free).
-        self._in_flight: deque[tuple[Step, list[PrefillJob]]] = deque()
+        self._in_flight: deque[tuple[Step, list[PrefillJob], float]] = deque()  # with its launch time
         self._update_gauges()
         self.start()
 
@@ -69,13 +72,13 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
         for job in [j for j in self._waiting if j.sink.is_cancelled()]:
             self._waiting.remove(job)
             self.metrics.cancelled.increment(1)
-        self._update_gauges()
         while len(self._in_flight) < self.engine.config.pp_size and (batch := self._next_batch()):
             self._launch(batch)
         if self._in_flight:
             self._complete(*self._in_flight.popleft())
         else:
             # Nothing fits yet: wait for a request, or for leases to free blocks.
+            self._update_gauges()
             self.idle(0.02 if self._waiting else 0.2)
 
     def on_failure(self, exc: Exception) -> None:
@@ -88,7 +91,7 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
 
     def _fail_waiting(self, message: str) -> None:
         """Ends every job not yet prefilled, batches in flight included."""
-        for _, batch in self._in_flight:
+        for _, batch, _ in self._in_flight:
             self._fail_batch(batch, message)
         self._in_flight.clear()
         for job in self._waiting:
@@ -120,6 +123,8 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
 
     def _launch(self, batch: list[PrefillJob]) -> None:
         now = time.perf_counter()
+        for j in batch:
+            trace.mark("p.launch", j.trace_id)
         seqs = [j.seq for j in batch]
         try:
             step = self.engine.launch_prefill(seqs)
@@ -127,14 +132,15 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
             log.exception("prefill failed")
             self._fail_batch(batch, f"prefill failed: {exc}")
             return
-        self.metrics.batch_tokens.observe(sum(s.prompt_len for s in seqs))
-        for job in batch:
-            self.metrics.queue_seconds.observe(now - job.arrived)
-        self._in_flight.append((step, batch))
+        self._in_flight.append((step, batch, now))
 
-    def _complete(self, step: Step, batch: list[PrefillJob]) -> None:
+    def _complete(self, step: Step, batch: list[PrefillJob], launched: float) -> None:
         try:
             self.engine.complete(step)
+            trace.mark("step")
+            for j in batch:
+                trace.mark("p.step", j.trace_id)
+            prefill_s = time.perf_counter() - launched
         except Exception as exc:
             log.exception("prefill failed")
             self._fail_batch(batch, f"prefill failed: {exc}")
@@ -151,10 +157,16 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
                 continue
             finally:
                 self.engine.free(seq)  # the lease holds its own reference
+            trace.mark("p.leased", job.trace_id)
             result = PrefillResult(
                 first_token=seq.output_ids[0], kv_handle=handle, finish_reason=seq.finish_reason or ""
             )
             job.sink.send(result, final=True)
+        # Metrics are IPC to the server: recorded once the first tokens are on their way.
+        self.metrics.prefill_seconds.observe(prefill_s)
+        self.metrics.batch_tokens.observe(sum(j.seq.prompt_len for j in batch))
+        for job in batch:
+            self.metrics.queue_seconds.observe(launched - job.arrived)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

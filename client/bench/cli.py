@@ -1,5 +1,6 @@
 """`python -m client.bench --url HOST:PORT --model orchestrator|colocated --workload W --rate R[,R2]
---num-requests N --ttft S --tpot S` and `python -m client.bench compare ...` (both models)."""
+--num-requests N --ttft S --tpot S`, `python -m client.bench compare ...` (both models) and
+`python -m client.bench overhead --url HOST:PORT` (the orchestrator path's cost at light load)."""
 
 from __future__ import annotations
 
@@ -103,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "overhead":
+        from client.bench.overhead import main as overhead
+
+        return overhead(argv[1:])
     compare = bool(argv) and argv[0] == "compare"
     args = build_parser(compare).parse_args(argv[1:] if compare else argv)
     if args.num_requests < 1:
@@ -147,11 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if compare:
         d = report["models"]["orchestrator"]["goodput_interpolated_rps"]
         c = report["models"]["colocated"]["goodput_interpolated_rps"]
-        report["goodput_ratio"] = d / c if c > 0 else float("inf")
-        print(
-            f"goodput ratio disaggregated/colocated: {report['goodput_ratio']:.2f} "
-            f"({d:.2f} / {c:.2f} req/s, interpolated)"
-        )
+        # No ratio when colocated met the target at no tested rate (JSON null; nan would not parse).
+        report["goodput_ratio"] = d / c if c > 0 else None
+        ratio = f"{d / c:.2f}" if c > 0 else "undefined"
+        print(f"goodput ratio disaggregated/colocated: {ratio} ({d:.2f} / {c:.2f} req/s, interpolated)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=float))
     scale_rate = args.scale_rate if args.scale_rate in args.rate else args.rate[len(args.rate) // 2]

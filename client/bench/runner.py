@@ -80,11 +80,18 @@ def run_rate(
 
 def server_ttft(metrics_url: str, model: str) -> tuple[float, float]:
     """(sum, count) of the disagg_ttft_seconds histogram for `model` over all instances."""
+    return server_histogram(metrics_url, "disagg_ttft_seconds", re.escape(model))
+
+
+def server_histogram(metrics_url: str, family: str, models: str) -> tuple[float, float]:
+    """(sum, count) of a histogram family over the models whose name matches the regular
+    expression `models`, all instances."""
     with urllib.request.urlopen(metrics_url, timeout=10) as resp:
         text = resp.read().decode()
     total = {"sum": 0.0, "count": 0.0}
     for kind in total:
-        for m in re.finditer(rf"^disagg_ttft_seconds_{kind}\{{([^}}]*)\}} (\S+)$", text, re.M):
-            if f'model="{model}"' in m.group(1):
+        for m in re.finditer(rf"^{family}_{kind}\{{([^}}]*)\}} (\S+)$", text, re.M):
+            label = re.search(r'model="([^"]*)"', m.group(1))
+            if label and re.fullmatch(models, label.group(1)):
                 total[kind] += float(m.group(2))
     return total["sum"], total["count"]

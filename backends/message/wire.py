@@ -1,0 +1,104 @@
+"""The token channel's frames: prefill and decode -> orchestrator over a local socket, without Triton.
+
+A PrefillRequest or DecodeRequest that names a `reply_to` channel is answered on the BLS call with
+one final, empty response ("accepted"); its result or tokens, its end and its errors then go over
+that channel as frames, so no result or token crosses the server and the orchestrator's BLS
+machinery (docs/overhead.md).
+
+Frame: u32 length of the rest | u8 kind | 16-byte stream id (the request_id's hex) | payload.
+- HELLO: payload = the sender's model name (UTF-8); stream id zero. First frame of a connection.
+- CHUNK: a DecodeChunk: u16 length + finish_reason (UTF-8), then the token ids as little-endian
+  int32. A chunk with neither is a heartbeat.
+- ERROR: an InbandError: payload = the message (UTF-8).
+- RESULT: a PrefillResult: i32 first token, u16 length + finish_reason (UTF-8), then the KV
+  handle's bytes.
+Only these four kinds exist; anything else, or a frame over MAX_FRAME, is a protocol error.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from backends.message.phases import DecodeChunk, InbandError, PrefillResult
+
+HELLO, CHUNK, ERROR, RESULT = 1, 2, 3, 4
+HEADER = struct.Struct("<IB16s")  # length after the u32, kind, stream id
+MAX_FRAME = 1 << 24
+NO_STREAM = bytes(16)
+# The reply_to of a channel on Linux's abstract socket namespace: nothing on the file system.
+ABSTRACT_PREFIX = "unix-abstract:"
+
+
+class WireError(ValueError):
+    """A malformed frame: the connection carrying it is closed."""
+
+
+def stream_id(request_id: str) -> bytes:
+    """The 16 bytes of a request_id of 32 hex digits (as the orchestrator makes them)."""
+    try:
+        raw = bytes.fromhex(request_id)
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        raise WireError(f"a channel stream needs a request_id of 32 hex digits, got {request_id!r}")
+    return raw
+
+
+def frame(kind: int, sid: bytes, payload: bytes) -> bytes:
+    return HEADER.pack(1 + 16 + len(payload), kind, sid) + payload
+
+
+def hello(model: str) -> bytes:
+    return frame(HELLO, NO_STREAM, model.encode())
+
+
+def chunk(sid: bytes, c: DecodeChunk) -> bytes:
+    reason = c.finish_reason.encode()
+    ids = np.asarray(c.output_ids, dtype="<i4").tobytes()
+    return frame(CHUNK, sid, struct.pack("<H", len(reason)) + reason + ids)
+
+
+def error(sid: bytes, e: InbandError) -> bytes:
+    return frame(ERROR, sid, e.error_message.encode())
+
+
+def result(sid: bytes, r: PrefillResult) -> bytes:
+    reason = r.finish_reason.encode()
+    return frame(RESULT, sid, struct.pack("<iH", r.first_token, len(reason)) + reason + r.kv_handle)
+
+
+def encode(sid: bytes, message: DecodeChunk | PrefillResult | InbandError) -> bytes:
+    """The frame of a request's message."""
+    if isinstance(message, DecodeChunk):
+        return chunk(sid, message)
+    if isinstance(message, PrefillResult):
+        return result(sid, message)
+    return error(sid, message)
+
+
+def parse(kind: int, payload: bytes) -> DecodeChunk | PrefillResult | InbandError | str:
+    """A frame's message (HELLO: the model name); WireError when it is malformed."""
+    try:
+        if kind == HELLO:
+            return payload.decode()
+        if kind == ERROR:
+            return InbandError(error_message=payload.decode())
+        if kind == CHUNK:
+            (n,) = struct.unpack_from("<H", payload)
+            reason = payload[2 : 2 + n].decode()
+            rest = payload[2 + n :]
+            if len(rest) % 4:
+                raise WireError("a chunk's token ids are not whole int32 values")
+            ids = tuple(int(t) for t in np.frombuffer(rest, dtype="<i4"))
+            return DecodeChunk(output_ids=ids, finish_reason=reason)
+        if kind == RESULT:
+            first, n = struct.unpack_from("<iH", payload)
+            reason = payload[6 : 6 + n].decode()
+            if len(payload) < 6 + n:
+                raise WireError("a result's finish_reason is cut short")
+            return PrefillResult(first_token=first, finish_reason=reason, kv_handle=payload[6 + n :])
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise WireError(f"malformed frame of kind {kind}: {exc}") from exc
+    raise WireError(f"unknown frame kind {kind}")
