@@ -36,7 +36,7 @@ from engine.errors import RequestError
 from engine.kv_cache import KVPool
 from engine.parallel.executor import InFlight, ParallelExecutor
 from engine.runner import ForwardOutput, ModelRunner, kv_layout_for
-from engine.sampling import SamplingParams, sample
+from engine.sampling import Draw, SamplingParams, sample
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
 from engine.sharding import single
@@ -253,12 +253,13 @@ class LLMEngine:
         return Step(seqs, output=self.runner.run(plan))
 
     def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        tokens = sample(
-            logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s.output_ids) for s in seqs]
-        )
+        draws = [Draw(s.params, s.seed, s.prompt_ids, s.output_ids) for s in seqs]
+        tokens, logprobs = sample(logits, draws, self.model_config.eos_token_ids)
         eos = set(self.model_config.eos_token_ids)
-        for seq, tok in zip(seqs, tokens, strict=True):
+        for seq, tok, logprob in zip(seqs, tokens, logprobs, strict=True):
             seq.output_ids.append(tok)
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
             if (not seq.params.ignore_eos and tok in eos) or tok in seq.params.stop_token_ids:
                 seq.status, seq.finish_reason = Status.FINISHED, "stop"
             elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:

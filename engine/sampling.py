@@ -1,14 +1,25 @@
-"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, per-request seed).
+"""Sampling parameters and the sampler (penalties, min_tokens, greedy, temperature, top-k, top-p,
+per-request seed, the chosen token's log-probability).
 
 Randomness is counter-based: the draw for output token i of a request uses a generator seeded
-from (seed, i). A sequence prefilled by one engine and decoded by another therefore samples
-exactly what one engine doing both would, and the same seed always gives the same output.
+from (seed, i). Penalties and min_tokens read only the sequence's own history (prompt and output
+so far). A sequence prefilled by one engine and decoded by another therefore samples exactly what
+one engine doing both would, and the same seed always gives the same output.
+
+A row's logits go through, in this order (transformers' and vLLM's order): the repetition penalty
+over the prompt and the output, the presence and frequency penalties over the output, min_tokens
+(end-of-sequence and stop tokens banned until that many tokens were made), then temperature,
+top-k and top-p. The log-probability returned is the chosen token's under that final distribution
+(what transformers' compute_transition_scores(normalize_logits=True) gives; greedy: after the
+penalties).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +38,11 @@ class SamplingParams:
     seed: int | None = None  # None: the engine draws one per request
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # > 0; 1 = off. Positive logits / p, negative ones * p
+    presence_penalty: float = 0.0  # subtracted once from every token the output holds
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    min_tokens: int = 0  # end-of-sequence and stop tokens are banned until this many were made
+    logprobs: bool = False  # return each chosen token's log-probability
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -41,10 +57,41 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise RequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise RequestError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise RequestError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or min_tokens can change this request's logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.min_tokens > 0
+        )
+
+
+class Draw(NamedTuple):
+    """What the sampler needs of one sequence: its parameters, seed and history (the token being
+    drawn is output token len(output_ids))."""
+
+    params: SamplingParams
+    seed: int
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -66,16 +113,46 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def adjust(logits: torch.Tensor, draw: Draw, end_ids: Sequence[int]) -> torch.Tensor:
+    """logits: [V] fp32 -> the row after the penalties and min_tokens (a new tensor)."""
+    p = draw.params
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*draw.prompt_ids, *draw.output_ids}), dtype=torch.long)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    if draw.output_ids and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+        counts = torch.bincount(torch.tensor(draw.output_ids, dtype=torch.long), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if len(draw.output_ids) < p.min_tokens:
+        banned = [t for t in (*end_ids, *p.stop_token_ids) if t < logits.shape[-1]]
+        logits[banned] = float("-inf")
+    return logits
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], steps: list[int]
-) -> list[int]:
-    """logits [B, V] fp32; steps[i] is the index of the output token being drawn for row i."""
+    logits: torch.Tensor, draws: Sequence[Draw], end_ids: Sequence[int] = ()
+) -> tuple[list[int], list[float | None]]:
+    """logits [B, V] fp32 -> each row's token and, where its request asked, the token's
+    log-probability. end_ids: the model's end-of-sequence tokens (what min_tokens bans, unless the
+    request ignores them)."""
     # max().indices is argmax (the first maximum on ties) at a third of argmax's cost on CPU.
     tokens = logits.max(dim=-1).indices.tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
+    logprobs: list[float | None] = [None] * len(tokens)
+    for i, draw in enumerate(draws):
+        p = draw.params
+        if p.greedy and not p.adjusts_logits and not p.logprobs:
             continue
-        row = _filter(logits[i].float().cpu() / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=step_generator(seeds[i], steps[i])).item())
-    return tokens
+        row = logits[i].float().cpu()
+        if p.adjusts_logits:
+            row = adjust(row, draw, () if p.ignore_eos else end_ids)
+        if p.greedy:
+            tokens[i] = int(row.max(dim=-1).indices.item())
+        else:
+            row = _filter(row / p.temperature, p.top_k, p.top_p)
+            gen = step_generator(draw.seed, len(draw.output_ids))
+            tokens[i] = int(torch.multinomial(row.softmax(-1), 1, generator=gen).item())
+        if p.logprobs:
+            logprobs[i] = float(row.log_softmax(-1)[tokens[i]])
+    return tokens, logprobs

@@ -28,6 +28,9 @@ class Sequence:
     request_id: str = ""
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
+    # With params.logprobs, the log-probability of each token this engine drew (on a decode
+    # instance from the second token on: prefill drew the first).
+    output_logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"

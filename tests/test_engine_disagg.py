@@ -19,8 +19,10 @@ PROMPTS = [[1, 11, 12, 13, 14, 15, 16, 17, 18, 19], [1, 200, 201], [1, *range(30
 PARAMS = [
     {"max_tokens": 32, "ignore_eos": True},
     {"max_tokens": 32, "temperature": 0.8, "top_p": 0.9, "seed": 11, "ignore_eos": True},
-    {"max_tokens": 32, "ignore_eos": True},
-]
+    # Penalties and min_tokens read the sequence's history: prefill's first token counts in decode.
+    {"max_tokens": 32, "repetition_penalty": 1.4, "presence_penalty": 0.5, "frequency_penalty": 0.3,
+     "min_tokens": 8, "logprobs": True},
+]  # fmt: skip
 
 
 def _prefill_process(model_dir: str, out_dir: str) -> None:
