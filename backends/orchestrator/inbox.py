@@ -61,10 +61,10 @@ class TokenInbox:
             self._model_of.pop(sid, None)
 
     def close(self) -> None:
-        self._closed = True
-        self._listener.close()
-        with self._lock:
+        with self._lock:  # a connection accepted from now on is closed by _accept
+            self._closed = True
             conns = list(self._conns)
+        self._listener.close()
         for c in conns:
             c.close()
 
@@ -83,7 +83,12 @@ class TokenInbox:
                 conn.close()
                 continue
             with self._lock:
-                self._conns.add(conn)
+                closed = self._closed
+                if not closed:
+                    self._conns.add(conn)
+            if closed:  # close() ran while this connection was being accepted
+                conn.close()
+                return
             threading.Thread(target=self._read, args=(conn,), name="inbox-read", daemon=True).start()
 
     def _read(self, conn: socket.socket) -> None:
