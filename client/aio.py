@@ -50,6 +50,13 @@ class AsyncGrpcClient(AsyncClient):
     async def close(self) -> None:
         await self._conn.close()
 
+    async def ready(self) -> bool:
+        """Whether the server answers that it is ready; False when it cannot be reached."""
+        try:
+            return bool(await self._conn.is_server_ready())
+        except (InferenceServerException, grpc.RpcError, OSError):
+            return False
+
     async def generate(
         self,
         prompt: Prompt,

@@ -57,6 +57,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     end_id: int | None = None
+    repetition_penalty: float | None = None  # > 0; 1 = off
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -71,6 +76,16 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be in [0, 2**64), got {self.seed!r}")
         if self.end_id is not None and self.end_id < 0:
             raise InvalidRequestError(f"end_id must be a token id >= 0, got {self.end_id!r}")
+        if self.repetition_penalty is not None and not (
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0
+        ):
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+        if self.min_tokens is not None and not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens!r}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
 

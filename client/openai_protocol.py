@@ -1,7 +1,10 @@
 """OpenAI API request parsing and response shapes for /v1/completions and /v1/chat/completions.
 
 Only what the deployment can honour is accepted; an unsupported option (n > 1, logprobs, echo,
-best_of, tools) is refused with an OpenAI-style invalid_request_error instead of being ignored.
+best_of, tools, response_format, or any key this server does not know) is refused with an
+OpenAI-style invalid_request_error naming it, instead of being ignored. Ranges are OpenAI's
+(temperature in [0, 2], penalties in [-2, 2], top_p in (0, 1]); repetition_penalty, min_tokens,
+top_k and ignore_eos are vLLM's extensions.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ class ParsedRequest:
 
 
 _UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias")
+# Every key a request may carry; anything else is refused by name. "user" is an end-user id for the
+# caller's own records (it does not change the output).
+_KNOWN = frozenset({
+    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "top_k", "n", "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "min_tokens", "ignore_eos", "user", *_UNSUPPORTED,
+})  # fmt: skip
 
 
 def _number(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -56,6 +66,19 @@ def _number(body: dict[str, Any], name: str, kind: type, default: Any = None) ->
     if isinstance(value, bool) or not ok:
         raise APIError(f"'{name}' must be {'an integer' if kind is int else 'a number'}", param=name)
     return kind(value)
+
+
+def _ranged(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = _number(body, name, float)
+    if value is not None and not low <= value <= high:
+        raise APIError(f"'{name}' must be between {low:g} and {high:g}, got {value:g}", param=name)
+    return value
+
+
+def _param_of(message: str) -> str | None:
+    """The option a client-side validation message is about (its first word)."""
+    word = message.split(" ", 1)[0]
+    return word if word in _KNOWN else None
 
 
 def _common(
@@ -73,6 +96,8 @@ def _common(
             param="model",
             code="model_not_found",
         )
+    for name in sorted(set(body) - _KNOWN):
+        raise APIError(f"'{name}' is not supported by this server", param=name)
     for name in _UNSUPPORTED:
         if body.get(name) not in (None, False, 0, []):
             raise APIError(f"'{name}' is not supported by this server", param=name)
@@ -85,7 +110,10 @@ def _common(
     max_tokens = _number(body, max_tokens_key, int)
     if max_tokens is None and max_tokens_key != "max_tokens":
         max_tokens = _number(body, "max_tokens", int)
-    temperature = _number(body, "temperature", float)
+    temperature = _ranged(body, "temperature", 0.0, 2.0)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError("'ignore_eos' must be a boolean", param="ignore_eos")
     try:
         params = SamplingParams(
             max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
@@ -95,9 +123,14 @@ def _common(
             top_k=_number(body, "top_k", int),
             seed=_number(body, "seed", int),
             stop=tuple(stops),
+            presence_penalty=_ranged(body, "presence_penalty", -2.0, 2.0),
+            frequency_penalty=_ranged(body, "frequency_penalty", -2.0, 2.0),
+            repetition_penalty=_number(body, "repetition_penalty", float),
+            min_tokens=_number(body, "min_tokens", int),
+            ignore_eos=ignore_eos,
         )
     except InvalidRequestError as exc:
-        raise APIError(str(exc)) from None
+        raise APIError(str(exc), param=_param_of(str(exc))) from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError("'stream' must be a boolean", param="stream")

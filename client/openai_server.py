@@ -71,6 +71,8 @@ class Frontend:
         self.triton: AsyncGrpcClient | None = None
         self.app = web.Application(middlewares=[self._errors])
         self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/v1/models/{model}", self.model)
+        self.app.router.add_get("/health", self.health)
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.app.on_startup.append(self._open)
@@ -107,12 +109,25 @@ class Frontend:
         return len(self.tokenizer(parsed.prompt).input_ids) if self.tokenizer is not None else 0
 
     async def models(self, _: web.Request) -> web.Response:
-        now = int(time.time())
-        data = [
-            {"id": m, "object": "model", "created": now, "owned_by": "triton-disagg"}
-            for m in self.config.models
-        ]
+        data = [_model_card(m) for m in self.config.models]
         return web.json_response({"object": "list", "data": data})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.config.models:
+            raise APIError(
+                f"The model '{name}' does not exist", status=404, param="model", code="model_not_found"
+            )
+        return web.json_response(_model_card(name))
+
+    async def health(self, _: web.Request) -> web.Response:
+        """200 when Triton answers that it is ready (as vLLM's /health), else 503."""
+        assert self.triton is not None
+        if not await self.triton.ready():
+            raise APIError(
+                f"Triton at {self.config.triton_url} is not ready", status=503, type_="server_error"
+            )
+        return web.Response(status=200)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(
@@ -172,6 +187,10 @@ class Frontend:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "triton-disagg"}
 
 
 async def _json(request: web.Request) -> Any:

@@ -36,6 +36,13 @@ def request_arrays(prompt: Prompt, params: SamplingParams, stream: bool) -> dict
         arrays["end_id"] = np.array([params.end_id], dtype=np.int32)
     if params.stop:
         arrays["stop_words"] = np.array([s.encode() for s in params.stop], dtype=object)
+    for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if getattr(params, name) is not None:
+            arrays[name] = np.array([getattr(params, name)], dtype=np.float32)
+    if params.min_tokens is not None:
+        arrays["min_tokens"] = np.array([params.min_tokens], dtype=np.int32)
+    if params.ignore_eos:
+        arrays["ignore_eos"] = np.array([True], dtype=bool)
     return arrays
 
 

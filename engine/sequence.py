@@ -58,5 +58,10 @@ class Sequence:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
+    def last_log_probs(self) -> tuple[float, ...]:
+        """The last drawn token's log-probability, as a 1-tuple when the request asked for them."""
+        return (self.output_logprobs[-1],) if self.params.logprobs and self.output_logprobs else ()
+
+    @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED

@@ -43,6 +43,8 @@ class StreamResult(NamedTuple):
     finish_reason: str
     responses: int
     error: str | None
+    log_probs: tuple[float, ...] = ()  # output_log_probs of every response (with return_log_probs)
+    cum_log_probs: float | None = None  # the last response's
 
 
 def client_inputs(
@@ -75,7 +77,8 @@ def stream_many(
     ok = False
     try:
         for i, inputs in enumerate(requests):
-            state[str(i)] = {"ids": [], "text": "", "reason": "", "n": 0, "error": None, "done": False}
+            state[str(i)] = {"ids": [], "text": "", "reason": "", "n": 0, "error": None, "done": False,
+                             "log_probs": [], "cum": None}  # fmt: skip
             client.async_stream_infer(model, inputs, request_id=str(i), enable_empty_final_response=True)
         while not all(s["done"] for s in state.values()):
             result, error = results.get(timeout=timeout)
@@ -90,6 +93,11 @@ def stream_many(
                 s["text"] += result.as_numpy("text_output")[0].decode()
                 s["reason"] = result.as_numpy("finish_reason")[0].decode() or s["reason"]
                 s["n"] += 1
+                log_probs, cum = result.as_numpy("output_log_probs"), result.as_numpy("cum_log_probs")
+                if log_probs is not None:
+                    s["log_probs"] += log_probs.tolist()
+                if cum is not None:
+                    s["cum"] = float(cum[0])
             if result.get_response().parameters["triton_final_response"].bool_param:
                 s["done"] = True
         ok = True
@@ -97,7 +105,10 @@ def stream_many(
         # After a failure, cancel what is still open: a plain stop waits for every request to end.
         client.stop_stream(cancel_requests=not ok)
         client.close()
-    return [StreamResult(s["ids"], s["text"], s["reason"], s["n"], s["error"]) for s in state.values()]
+    return [
+        StreamResult(s["ids"], s["text"], s["reason"], s["n"], s["error"], tuple(s["log_probs"]), s["cum"])
+        for s in state.values()
+    ]
 
 
 def _request_id_of_error(error: Any, state: dict[str, dict[str, Any]]) -> str:

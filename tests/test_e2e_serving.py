@@ -98,6 +98,44 @@ def test_sixteen_streams_match_colocated_and_transformers(server: TritonServer, 
         assert got.output_ids == expected
 
 
+def test_penalties_min_tokens_and_log_probs_equal_colocated(
+    server: TritonServer, tiny_model_dir: Path
+) -> None:
+    """TensorRT-LLM's sampling inputs through both paths: penalties and min_tokens change what is
+    drawn (the sequence's history spans prefill and decode), log-probabilities come back per token."""
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling import SamplingParams
+    from engine.tokenizer import load_tokenizer
+
+    options = {
+        "repetition_penalty": np.array([0.6], np.float32),  # < 1: seen tokens favoured
+        "presence_penalty": np.array([-0.5], np.float32),
+        "frequency_penalty": np.array([0.3], np.float32),
+        "min_tokens": np.array([6], np.int32),
+        "return_log_probs": np.array([True]),
+    }
+    requests = [client_inputs(p, 12, **options) for p in PROMPTS[:4]]
+    disagg = stream_many(server.grpc_url, "orchestrator", requests)
+    coloc = stream_many(server.grpc_url, "colocated", requests)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    engine = LLMEngine(EngineConfig(model_dir=str(tiny_model_dir), num_blocks=128))
+    params = SamplingParams(max_tokens=12, repetition_penalty=0.6, presence_penalty=-0.5, frequency_penalty=0.3,
+                            min_tokens=6, logprobs=True)  # fmt: skip
+    expected = engine.generate([tokenizer(p).input_ids for p in PROMPTS[:4]], params)
+    plain = stream_many(server.grpc_url, "orchestrator", [client_inputs(p, 12) for p in PROMPTS[:4]])
+    assert [d.output_ids for d in disagg] != [p.output_ids for p in plain], "the penalties changed nothing"
+    for d, c, e in zip(disagg, coloc, expected, strict=True):
+        assert d.error is None and c.error is None
+        assert d.output_ids == c.output_ids == e.output_ids
+        # Batches of different shapes round differently in the last float bits: 1e-4.
+        assert d.log_probs == pytest.approx(c.log_probs, abs=1e-4)
+        assert d.log_probs == pytest.approx(e.output_logprobs, abs=1e-4) and len(d.log_probs) == 12
+        assert d.cum_log_probs == pytest.approx(sum(e.output_logprobs), abs=1e-3)
+        assert c.cum_log_probs == pytest.approx(sum(e.output_logprobs), abs=1e-3)
+    assert all(p.log_probs == () and p.cum_log_probs is None for p in plain)  # only when asked
+
+
 def test_non_streaming_returns_everything_once(server: TritonServer) -> None:
     [streamed] = stream_many(server.grpc_url, "orchestrator", [client_inputs(PROMPTS[1], 20)])
     [whole] = stream_many(server.grpc_url, "orchestrator", [client_inputs(PROMPTS[1], 20, stream=False)])

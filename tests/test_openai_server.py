@@ -106,6 +106,54 @@ def test_bad_requests_get_openai_errors(oai: openai.OpenAI, stream: bool) -> Non
         oai.chat.completions.create(model="orchestrator", messages=[], stream=stream)
 
 
+def test_penalties_min_tokens_ignore_eos_and_seed(stack: tuple[str, str], oai: openai.OpenAI) -> None:
+    """The options reach the engine: the same output as our client sending the same tensors, and
+    different from the output without them."""
+    extra = {"repetition_penalty": 0.6, "min_tokens": 4, "ignore_eos": True}
+    kw = {"presence_penalty": -0.5, "frequency_penalty": 0.3, "seed": 5}
+    got = oai.completions.create(model="orchestrator", prompt=PROMPT, max_tokens=12, extra_body=extra, **kw)
+    params = SamplingParams(max_tokens=12, repetition_penalty=0.6, presence_penalty=-0.5, frequency_penalty=0.3,
+                            min_tokens=4, ignore_eos=True, seed=5)  # fmt: skip
+    with make_client(stack[0]) as c:
+        ref = c.generate(PROMPT, params, model="colocated")
+        plain = c.generate(PROMPT, SamplingParams(max_tokens=12), model="colocated")
+    assert got.choices[0].text == ref.text != plain.text
+
+
+def test_models_by_id_and_health(stack: tuple[str, str], oai: openai.OpenAI) -> None:
+    assert oai.models.retrieve("colocated").id == "colocated"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-4")
+    with urllib.request.urlopen(stack[1] + "/health", timeout=30) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    "body, param, message",
+    [
+        ({"temperature": 5}, "temperature", "between 0 and 2"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "between -2 and 2"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty must be > 0"),
+        ({"min_tokens": 9, "max_tokens": 4}, "min_tokens", "min_tokens must be in"),
+        (
+            {"response_format": {"type": "json_object"}},
+            "response_format",
+            "'response_format' is not supported",
+        ),
+        ({"frobnicate": 1}, "frobnicate", "'frobnicate' is not supported"),
+        ({"ignore_eos": "yes"}, "ignore_eos", "must be a boolean"),
+    ],
+)
+def test_options_out_of_range_or_unknown_are_refused_by_name(
+    oai: openai.OpenAI, body: dict[str, object], param: str, message: str
+) -> None:
+    with pytest.raises(openai.BadRequestError, match=message) as err:
+        oai.chat.completions.create(
+            model="orchestrator", messages=[{"role": "user", "content": "hi"}], extra_body=body
+        )
+    assert err.value.param == param
+
+
 def test_raw_http_errors(stack: tuple[str, str]) -> None:
     def post(path: str, data: bytes) -> tuple[int, dict[str, object]]:
         req = urllib.request.Request(stack[1] + path, data=data, method="POST")

@@ -62,6 +62,28 @@ def test_client_request_parsing_and_defaults() -> None:
     assert req.stop_words == ("\n\n", "END")
 
 
+def test_tensorrt_llm_spellings() -> None:
+    """An empty stop word means none; `seed` is random_seed's newer name; the penalties,
+    min_tokens and return_log_probs reach the engine's parameters."""
+    req = ClientRequest.from_tensors(
+        _request(
+            stop_words=np.array([b""], dtype=object),
+            seed=np.array([7], np.uint64),
+            repetition_penalty=np.array([1.2], np.float32),
+            presence_penalty=np.array([0.5], np.float32),
+            frequency_penalty=np.array([-0.25], np.float32),
+            min_tokens=np.array([2], np.int32),
+            return_log_probs=np.array([True]),
+        )
+    )
+    p = req.params
+    assert req.stop_words == () and p.seed == 7
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == pytest.approx((1.2, 0.5, -0.25))
+    assert p.min_tokens == 2 and p.logprobs
+    same = _request(seed=np.array([7], np.uint64), random_seed=np.array([7], np.uint64))
+    assert ClientRequest.from_tensors(same).params.seed == 7
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
@@ -70,7 +92,16 @@ def test_client_request_parsing_and_defaults() -> None:
         ({"max_tokens": None}, "missing required input 'max_tokens'"),
         ({"max_tokens": np.array([2.5], np.float32)}, "'max_tokens' must be an integer"),
         ({"text_input": np.array([b"a", b"b"], dtype=object)}, "exactly one string"),
-        ({"stop_words": np.array([b""], dtype=object)}, "each stop word must have 1 to"),
+        ({"stop_words": np.array([b"x" * 257], dtype=object)}, "each stop word must have at most 256"),
+        (
+            {"seed": np.array([3], np.uint64), "random_seed": np.array([4], np.uint64)},
+            "'seed' .* same option",
+        ),
+        ({"min_tokens": np.array([9], np.int32)}, r"min_tokens must be an integer in \[0, max_tokens=4\]"),
+        (
+            {"repetition_penalty": np.array([0.0], np.float32)},
+            "repetition_penalty must be a finite number > 0",
+        ),
         ({"end_id": np.array([-1], np.int32)}, "end_id must be a token id >= 0"),
     ],
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import queue
 import secrets
 import socket
+import struct
 import time
 
 import pytest
@@ -21,7 +22,12 @@ from engine.errors import RequestError
 
 def test_frames_round_trip() -> None:
     sid = wire.stream_id("ab" * 16)
-    for message in (DecodeChunk(output_ids=(1, 2, 70000)), DecodeChunk(finish_reason="stop"), DecodeChunk()):
+    for message in (
+        DecodeChunk(output_ids=(1, 2, 70000)),
+        DecodeChunk(finish_reason="stop"),
+        DecodeChunk(),
+        DecodeChunk(output_ids=(3, 4), output_log_probs=(-0.5, -2.25), finish_reason="length"),
+    ):
         data = wire.chunk(sid, message)
         length, kind, got_sid = wire.HEADER.unpack(data[: wire.HEADER.size])
         assert (length, got_sid) == (len(data) - 4, sid)
@@ -32,6 +38,7 @@ def test_frames_round_trip() -> None:
     for result in (
         PrefillResult(first_token=42, kv_handle=b'{"shards": []}'),
         PrefillResult(first_token=2, finish_reason="stop"),
+        PrefillResult(first_token=3, kv_handle=b"h", first_log_prob=-1.5),
     ):
         data = wire.encode(sid, result)
         assert wire.parse(wire.RESULT, data[wire.HEADER.size :]) == result
@@ -42,9 +49,11 @@ def test_frames_round_trip() -> None:
     [
         (9, b"", "unknown frame kind"),
         (wire.CHUNK, b"\x05", "malformed"),
-        (wire.CHUNK, b"\x00\x00abc", "int32"),
+        (wire.CHUNK, b"\x00\x00\x00abc", "4-byte values"),
+        (wire.CHUNK, b"\x00\x00\x01abcd", "4-byte values"),  # an id without its log-probability
+        (wire.CHUNK, b"\x05\x00ab", "cut short"),
         (wire.RESULT, b"\x01\x00", "malformed"),
-        (wire.RESULT, b"\x01\x00\x00\x00\x09\x00ab", "cut short"),
+        (wire.RESULT, struct.pack("<iBfH", 1, 0, 0.0, 9) + b"ab", "cut short"),
     ],
 )
 def test_malformed_frames_are_refused(kind: int, payload: bytes, message: str) -> None:

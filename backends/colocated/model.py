@@ -69,7 +69,13 @@ class TritonPythonModel:
                 sink.error(str(e))
                 continue
             stream = ClientStream(
-                self.outbox.sink(sink), self.tokenizer, req.stream, req.stop_words, self.latency, arrived
+                self.outbox.sink(sink),
+                self.tokenizer,
+                req.stream,
+                req.stop_words,
+                self.latency,
+                arrived,
+                log_probs=req.params.logprobs,
             )
             self.worker.submit((seq, stream))
 

@@ -53,7 +53,8 @@ class ColocatedWorker(WorkerLoop[tuple[Sequence, ClientStream]]):
             self.metrics.batch_size.observe(len(result.outputs))
         for out in result.outputs:
             seq = out.seq
-            ended = self._streams[seq].push([out.token], seq.finish_reason if seq.finished else None)
+            reason = seq.finish_reason if seq.finished else None
+            ended = self._streams[seq].push([out.token], reason, seq.last_log_probs)
             if ended:
                 del self._streams[seq]
                 if not seq.finished:  # a stop word ended it

@@ -4,6 +4,7 @@ finish reason, and the TTFT/TPOT it observed."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from backends.common.metrics import NULL, Histogram
@@ -32,8 +33,11 @@ class ClientStream:
         stop_words: tuple[str, ...] = (),
         metrics: LatencyMetrics | None = None,
         arrived: float | None = None,
+        log_probs: bool = False,
     ) -> None:
         self.sink = sink
+        # With log_probs every push brings one log-probability per token; responses carry them.
+        self.log_probs: list[float] | None = [] if log_probs else None
         self.stream = stream
         self.text = TextStream(tokenizer, stop_words)
         self.metrics = metrics or LatencyMetrics()
@@ -42,11 +46,16 @@ class ClientStream:
         self.first_at: float | None = None
         self.done = False
 
-    def push(self, token_ids: list[int], finish_reason: str | None = None) -> bool:
-        """Adds generated tokens (finish_reason set on the last ones). Returns True when the stream
-        ended: generation finished, or a stop word appeared (the caller must stop generating)."""
+    def push(
+        self, token_ids: list[int], finish_reason: str | None = None, log_probs: Sequence[float] = ()
+    ) -> bool:
+        """Adds generated tokens (finish_reason set on the last ones) and, when the stream carries
+        them, their log-probabilities. Returns True when the stream ended: generation finished, or
+        a stop word appeared (the caller must stop generating)."""
         if self.done:
             return True
+        if self.log_probs is not None and len(log_probs) != len(token_ids):
+            raise RuntimeError(f"{len(token_ids)} tokens came with {len(log_probs)} log-probabilities")
         # Token by token, so a stop word ends the ids where it ends the text, however many tokens
         # one push brings (the orchestrator forwards whatever decode sent meanwhile in one).
         text, taken, stopped = "", [], False
@@ -59,20 +68,33 @@ class ClientStream:
                 break
         token_ids = taken
         self.ids += token_ids
+        new_log_probs = None
+        if self.log_probs is not None:
+            new_log_probs = tuple(log_probs[: len(taken)])
+            self.log_probs += new_log_probs
         first = self.first_at is None
         if stopped:
             finish_reason = "stop"
         if finish_reason and not stopped:
             text += self.text.finish()
         final = finish_reason is not None
+        cum = None if self.log_probs is None else sum(self.log_probs)
         if self.stream:
             chunk = ClientChunk(
-                text_output=text, output_ids=tuple(token_ids), finish_reason=finish_reason or ""
+                text_output=text,
+                output_ids=tuple(token_ids),
+                finish_reason=finish_reason or "",
+                output_log_probs=new_log_probs,
+                cum_log_probs=cum,
             )
             self.sink.send(chunk, final=final)
         elif final:
             whole = ClientChunk(
-                text_output=self.text.sent, output_ids=tuple(self.ids), finish_reason=finish_reason or ""
+                text_output=self.text.sent,
+                output_ids=tuple(self.ids),
+                finish_reason=finish_reason or "",
+                output_log_probs=None if self.log_probs is None else tuple(self.log_probs),
+                cum_log_probs=cum,
             )
             self.sink.send(whole, final=True)
         # Timed after the send returns: what the client sees, including waits for the sender (for

@@ -224,9 +224,16 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
             job = self._running[seq]
             if seq.finished:
                 self._retire(seq)
-                self._end(job, DecodeChunk(output_ids=(token,), finish_reason=seq.finish_reason or ""))
+                chunk = DecodeChunk(
+                    output_ids=(token,),
+                    finish_reason=seq.finish_reason or "",
+                    output_log_probs=seq.last_log_probs,
+                )
+                self._end(job, chunk)
             else:
-                job.sink.send(DecodeChunk(output_ids=(token,)), final=False)
+                job.sink.send(
+                    DecodeChunk(output_ids=(token,), output_log_probs=seq.last_log_probs), final=False
+                )
         self._update_gauges()
 
     def _retire(self, seq: Sequence) -> None:

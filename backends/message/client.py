@@ -34,6 +34,7 @@ class ClientInputs(Sampling):
     input_ids: tuple[int, ...] | None = None
     stream: bool = False
     stop_words: tuple[str, ...] = ()
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,23 @@ class ClientRequest:
             raise RequestError("input 'text_input' is empty")
         if raw.input_ids is not None and not raw.input_ids:
             raise RequestError("input 'input_ids' is empty")
-        if len(raw.stop_words) > MAX_STOP_WORDS:
-            raise RequestError(f"at most {MAX_STOP_WORDS} stop_words, got {len(raw.stop_words)}")
-        if any(not w or len(w) > MAX_STOP_WORD_CHARS for w in raw.stop_words):
-            raise RequestError(f"each stop word must have 1 to {MAX_STOP_WORD_CHARS} characters")
+        # TensorRT-LLM's clients send "" for "no stop words".
+        stop_words = tuple(w for w in raw.stop_words if w)
+        if len(stop_words) > MAX_STOP_WORDS:
+            raise RequestError(f"at most {MAX_STOP_WORDS} stop_words, got {len(stop_words)}")
+        if any(len(w) > MAX_STOP_WORD_CHARS for w in stop_words):
+            raise RequestError(f"each stop word must have at most {MAX_STOP_WORD_CHARS} characters")
+        if raw.seed is not None and raw.random_seed is not None and raw.seed != raw.random_seed:
+            raise RequestError(
+                f"'seed' ({raw.seed}) and 'random_seed' ({raw.random_seed}) are the same option; "
+                "give one, or the same value"
+            )
         return ClientRequest(
             text=raw.text_input,
             prompt_ids=None if raw.input_ids is None else list(raw.input_ids),
-            params=raw.sampling_params(),
+            params=raw.sampling_params(seed=raw.seed),
             stream=raw.stream,
-            stop_words=raw.stop_words,
+            stop_words=stop_words,
         )
 
     def prompt_ids_with(self, tokenizer: Any) -> list[int]:
@@ -86,11 +94,18 @@ class ClientChunk(StreamChunk):
     text_output: str
     output_ids: tuple[int, ...]
     finish_reason: str = ""
+    output_log_probs: tuple[float, ...] | None = None  # this response's tokens', with return_log_probs
+    cum_log_probs: float | None = None  # their sum over the whole request so far
 
     def merge(self, later: ClientChunk) -> ClientChunk:
         """This response and the next of the same stream as one."""
+        logprobs = None
+        if self.output_log_probs is not None and later.output_log_probs is not None:
+            logprobs = self.output_log_probs + later.output_log_probs
         return ClientChunk(
             text_output=self.text_output + later.text_output,
             output_ids=self.output_ids + later.output_ids,
             finish_reason=later.finish_reason,
+            output_log_probs=logprobs,
+            cum_log_probs=later.cum_log_probs,
         )

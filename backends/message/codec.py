@@ -116,6 +116,10 @@ def decode(spec: TensorSpec, tensor: np.ndarray, many: bool = False, raw_bytes: 
         return _scalar(name, kind, arr, raw_bytes)
     if kind == "TYPE_STRING":
         return tuple(_text(v, name) for v in np.asarray(arr, dtype=object).reshape(-1))
+    if kind == "TYPE_FP32":
+        if not np.issubdtype(arr.dtype, np.number):
+            raise RequestError(f"input '{name}' must be numbers, got {arr.dtype}")
+        return tuple(float(v) for v in arr.reshape(-1))
     if not np.issubdtype(arr.dtype, np.integer):
         raise RequestError(f"input '{name}' must be integer token ids, got {arr.dtype}")
     return tuple(int(t) for t in arr.reshape(-1))

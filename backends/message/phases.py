@@ -42,10 +42,17 @@ class Sampling(Message):
     top_p: float | None = None
     random_seed: int | None = None
     end_id: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    return_log_probs: bool = False
+    ignore_eos: bool = False
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, seed: int | None = None) -> SamplingParams:
         """The engine's parameters. Absent temperature means greedy; end_id replaces the model's
-        EOS as the token that ends output."""
+        EOS as the token that ends output (as ignore_eos does without a replacement); `seed`, when
+        given, is used if random_seed is absent."""
         if self.end_id is not None and self.end_id < 0:
             raise RequestError(f"end_id must be a token id >= 0, got {self.end_id}")
         has_end = self.end_id is not None
@@ -54,13 +61,18 @@ class Sampling(Message):
             temperature=0.0 if self.temperature is None else self.temperature,
             top_k=0 if self.top_k is None else self.top_k,
             top_p=1.0 if self.top_p is None else self.top_p,
-            seed=self.random_seed,
+            seed=self.random_seed if self.random_seed is not None else seed,
             stop_token_ids=(self.end_id,) if self.end_id is not None else (),
-            ignore_eos=has_end,
+            ignore_eos=has_end or self.ignore_eos,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
+            frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
+            min_tokens=0 if self.min_tokens is None else self.min_tokens,
+            logprobs=self.return_log_probs,
         )
 
     @staticmethod
-    def fields_of(params: SamplingParams, seed: int) -> dict[str, int | float | None]:
+    def fields_of(params: SamplingParams, seed: int) -> dict[str, int | float | bool | None]:
         """The sampling fields that make `params` (with its seed fixed) again on the other side."""
         return {
             "max_tokens": params.max_tokens,
@@ -69,6 +81,12 @@ class Sampling(Message):
             "top_p": params.top_p,
             "random_seed": seed,
             "end_id": params.stop_token_ids[0] if params.stop_token_ids else None,
+            "repetition_penalty": params.repetition_penalty,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "min_tokens": params.min_tokens,
+            "return_log_probs": params.logprobs,
+            "ignore_eos": params.ignore_eos,
         }
 
 
@@ -92,12 +110,13 @@ class PrefillResult(Message):
     first token already ended the request, which then has its finish_reason)."""
 
     SPECS: ClassVar[tuple[TensorSpec, ...]] = specs_named(
-        PREFILL_OUTPUTS, "first_token", "kv_handle", "finish_reason"
+        PREFILL_OUTPUTS, "first_token", "kv_handle", "finish_reason", "first_log_prob"
     )
 
     first_token: int
     kv_handle: bytes = b""
     finish_reason: str = ""
+    first_log_prob: float | None = None  # with return_log_probs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,10 +164,13 @@ class DecodeChunk(StreamChunk):
     """Decode -> orchestrator: the tokens made since the previous chunk; the last chunk has the
     finish_reason. A chunk with neither is a heartbeat (the instance is alive, the request waits)."""
 
-    SPECS: ClassVar[tuple[TensorSpec, ...]] = specs_named(DECODE_OUTPUTS, "output_ids", "finish_reason")
+    SPECS: ClassVar[tuple[TensorSpec, ...]] = specs_named(
+        DECODE_OUTPUTS, "output_ids", "finish_reason", "output_log_probs"
+    )
 
     output_ids: tuple[int, ...] = ()
     finish_reason: str = ""
+    output_log_probs: tuple[float, ...] = ()  # one per output id, with return_log_probs; else none
 
     @property
     def is_heartbeat(self) -> bool:
@@ -156,7 +178,11 @@ class DecodeChunk(StreamChunk):
 
     def merge(self, later: DecodeChunk) -> DecodeChunk:
         """This chunk and the next of the same stream as one."""
-        return DecodeChunk(output_ids=self.output_ids + later.output_ids, finish_reason=later.finish_reason)
+        return DecodeChunk(
+            output_ids=self.output_ids + later.output_ids,
+            finish_reason=later.finish_reason,
+            output_log_probs=self.output_log_probs + later.output_log_probs,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

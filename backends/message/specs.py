@@ -27,6 +27,12 @@ SAMPLING_INPUTS = (
     TensorSpec("top_p", "TYPE_FP32", (1,), optional=True),
     TensorSpec("random_seed", "TYPE_UINT64", (1,), optional=True),
     TensorSpec("end_id", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("repetition_penalty", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("presence_penalty", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("frequency_penalty", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("min_tokens", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("return_log_probs", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("ignore_eos", "TYPE_BOOL", (1,), optional=True),  # vLLM's option: the model's EOS does not end
 )
 
 CLIENT_INPUTS = (
@@ -35,11 +41,16 @@ CLIENT_INPUTS = (
     *SAMPLING_INPUTS,
     TensorSpec("stream", "TYPE_BOOL", (1,), optional=True),
     TensorSpec("stop_words", "TYPE_STRING", (-1,), optional=True),
+    TensorSpec("seed", "TYPE_UINT64", (1,), optional=True),  # TensorRT-LLM's newer name of random_seed
 )
+# output_log_probs (the log-probability of each token of this response) and cum_log_probs (their
+# sum over the request so far) are sent only when the request set return_log_probs.
 CLIENT_OUTPUTS = (
     TensorSpec("text_output", "TYPE_STRING", (-1,)),
     TensorSpec("output_ids", "TYPE_INT32", (-1,)),
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
+    TensorSpec("output_log_probs", "TYPE_FP32", (-1,)),
+    TensorSpec("cum_log_probs", "TYPE_FP32", (1,)),
 )
 
 PREFILL_INPUTS = (
@@ -61,6 +72,7 @@ PREFILL_OUTPUTS = (
     TensorSpec("first_token", "TYPE_INT32", (1,)),
     TensorSpec("kv_handle", "TYPE_STRING", (1,)),
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
+    TensorSpec("first_log_prob", "TYPE_FP32", (1,)),  # only with return_log_probs
     ERROR_OUTPUT,
 )
 
@@ -80,6 +92,7 @@ DECODE_INPUTS = (
 DECODE_OUTPUTS = (
     TensorSpec("output_ids", "TYPE_INT32", (-1,)),
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
+    TensorSpec("output_log_probs", "TYPE_FP32", (-1,)),  # only with return_log_probs
     ERROR_OUTPUT,
 )
 

@@ -7,11 +7,12 @@ machinery (docs/overhead.md).
 
 Frame: u32 length of the rest | u8 kind | 16-byte stream id (the request_id's hex) | payload.
 - HELLO: payload = the sender's model name (UTF-8); stream id zero. First frame of a connection.
-- CHUNK: a DecodeChunk: u16 length + finish_reason (UTF-8), then the token ids as little-endian
-  int32. A chunk with neither is a heartbeat.
+- CHUNK: a DecodeChunk: u16 length + finish_reason (UTF-8), u8 1 if log-probabilities follow
+  the ids (else 0), the token ids as little-endian int32, then (if so) one little-endian float32
+  log-probability per id. A chunk with no ids and no finish_reason is a heartbeat.
 - ERROR: an InbandError: payload = the message (UTF-8).
-- RESULT: a PrefillResult: i32 first token, u16 length + finish_reason (UTF-8), then the KV
-  handle's bytes.
+- RESULT: a PrefillResult: i32 first token, u8 1 if the f32 that follows is its
+  log-probability (else 0), u16 length + finish_reason (UTF-8), then the KV handle's bytes.
 Only these four kinds exist; anything else, or a frame over MAX_FRAME, is a protocol error.
 """
 
@@ -57,7 +58,15 @@ def hello(model: str) -> bytes:
 def chunk(sid: bytes, c: DecodeChunk) -> bytes:
     reason = c.finish_reason.encode()
     ids = np.asarray(c.output_ids, dtype="<i4").tobytes()
-    return frame(CHUNK, sid, struct.pack("<H", len(reason)) + reason + ids)
+    has_log_probs = bool(c.output_log_probs)
+    if has_log_probs and len(c.output_log_probs) != len(c.output_ids):
+        raise ValueError(f"{len(c.output_ids)} ids with {len(c.output_log_probs)} log-probabilities")
+    log_probs = np.asarray(c.output_log_probs, dtype="<f4").tobytes()
+    return frame(
+        CHUNK,
+        sid,
+        struct.pack("<H", len(reason)) + reason + struct.pack("<B", has_log_probs) + ids + log_probs,
+    )
 
 
 def error(sid: bytes, e: InbandError) -> bytes:
@@ -66,7 +75,9 @@ def error(sid: bytes, e: InbandError) -> bytes:
 
 def result(sid: bytes, r: PrefillResult) -> bytes:
     reason = r.finish_reason.encode()
-    return frame(RESULT, sid, struct.pack("<iH", r.first_token, len(reason)) + reason + r.kv_handle)
+    log_prob = 0.0 if r.first_log_prob is None else r.first_log_prob
+    head = struct.pack("<iBfH", r.first_token, r.first_log_prob is not None, log_prob, len(reason))
+    return frame(RESULT, sid, head + reason + r.kv_handle)
 
 
 def encode(sid: bytes, message: DecodeChunk | PrefillResult | InbandError) -> bytes:
@@ -87,18 +98,30 @@ def parse(kind: int, payload: bytes) -> DecodeChunk | PrefillResult | InbandErro
             return InbandError(error_message=payload.decode())
         if kind == CHUNK:
             (n,) = struct.unpack_from("<H", payload)
+            if len(payload) < 3 + n:
+                raise WireError("a chunk's finish_reason is cut short")
             reason = payload[2 : 2 + n].decode()
-            rest = payload[2 + n :]
-            if len(rest) % 4:
-                raise WireError("a chunk's token ids are not whole int32 values")
-            ids = tuple(int(t) for t in np.frombuffer(rest, dtype="<i4"))
-            return DecodeChunk(output_ids=ids, finish_reason=reason)
+            has_log_probs = payload[2 + n]
+            rest = payload[3 + n :]
+            width = 8 if has_log_probs else 4
+            if len(rest) % width:
+                raise WireError("a chunk's token ids (and log-probabilities) are not whole 4-byte values")
+            count = len(rest) // width
+            ids = tuple(int(t) for t in np.frombuffer(rest[: 4 * count], dtype="<i4"))
+            log_probs = tuple(float(x) for x in np.frombuffer(rest[4 * count :], dtype="<f4"))
+            return DecodeChunk(output_ids=ids, finish_reason=reason, output_log_probs=log_probs)
         if kind == RESULT:
-            first, n = struct.unpack_from("<iH", payload)
-            reason = payload[6 : 6 + n].decode()
-            if len(payload) < 6 + n:
+            first, has_log_prob, log_prob, n = struct.unpack_from("<iBfH", payload)
+            start = struct.calcsize("<iBfH")
+            if len(payload) < start + n:
                 raise WireError("a result's finish_reason is cut short")
-            return PrefillResult(first_token=first, finish_reason=reason, kv_handle=payload[6 + n :])
+            reason = payload[start : start + n].decode()
+            return PrefillResult(
+                first_token=first,
+                finish_reason=reason,
+                kv_handle=payload[start + n :],
+                first_log_prob=log_prob if has_log_prob else None,
+            )
     except (struct.error, UnicodeDecodeError) as exc:
         raise WireError(f"malformed frame of kind {kind}: {exc}") from exc
     raise WireError(f"unknown frame kind {kind}")

@@ -87,7 +87,15 @@ class TritonPythonModel:
             except RequestError as e:
                 sink.error(str(e))
                 continue
-            stream = ClientStream(sink, self.tokenizer, req.stream, req.stop_words, self.latency, arrived)
+            stream = ClientStream(
+                sink,
+                self.tokenizer,
+                req.stream,
+                req.stop_words,
+                self.latency,
+                arrived,
+                log_probs=req.params.logprobs,
+            )
             self.pool.submit(self.pipeline.run, ids, req.params, stream)
 
     def finalize(self) -> None:

@@ -142,7 +142,8 @@ class Pipeline:
             )
             first = self._prefill(model, request)
         trace.mark("o.result", request_id)
-        ended = stream.push([first.first_token], first.finish_reason or None)
+        first_log_probs = () if first.first_log_prob is None else (first.first_log_prob,)
+        ended = stream.push([first.first_token], first.finish_reason or None, first_log_probs)
         trace.mark("o.pushed", request_id)
         if ended or stream.is_cancelled():
             if first.kv_handle:  # nobody will pull it
@@ -210,7 +211,7 @@ class Pipeline:
             chunk = functools.reduce(DecodeChunk.merge, batch)
             if chunk.is_heartbeat:
                 continue
-            if stream.push(list(chunk.output_ids), chunk.finish_reason or None):
+            if stream.push(list(chunk.output_ids), chunk.finish_reason or None, chunk.output_log_probs):
                 if not chunk.finish_reason:  # a stop word: decode must stop too
                     self._cancel(model, request_id)
                 return

@@ -159,7 +159,10 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
                 self.engine.free(seq)  # the lease holds its own reference
             trace.mark("p.leased", job.trace_id)
             result = PrefillResult(
-                first_token=seq.output_ids[0], kv_handle=handle, finish_reason=seq.finish_reason or ""
+                first_token=seq.output_ids[0],
+                kv_handle=handle,
+                finish_reason=seq.finish_reason or "",
+                first_log_prob=seq.output_logprobs[0] if seq.params.logprobs else None,
             )
             job.sink.send(result, final=True)
         # Metrics are IPC to the server: recorded once the first tokens are on their way.
