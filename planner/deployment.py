@@ -38,6 +38,9 @@ class ReplicaSpec:
             raise PlannerError(f"{self.name}: engine parameter model_dir is required")
 
 
+TENSORRT_LLM_ENTRY_POINTS = ("ensemble", "tensorrt_llm_bls")
+
+
 @dataclass(frozen=True)
 class Deployment:
     """A complete deployment: prefill and decode replicas, an optional colocated model (one engine
@@ -47,6 +50,9 @@ class Deployment:
     decode: tuple[ReplicaSpec, ...]
     orchestrator: OrchestratorParams  # its prefill_models and decode_models are the replicas'
     colocated: ReplicaSpec | None = None
+    # More entry points routing over the same replicas, under the names TensorRT-LLM's clients
+    # call, with its tensor shapes (a batch dimension) and defaults: orchestrators, not engines.
+    tensorrt_llm_entry_points: tuple[str, ...] = TENSORRT_LLM_ENTRY_POINTS
 
     def __post_init__(self) -> None:
         for role, reps in (("prefill", self.prefill), ("decode", self.decode)):
@@ -61,6 +67,11 @@ class Deployment:
             raise PlannerError("the colocated replica must be named 'colocated' with role 'colocated'")
         if not self.orchestrator.model_dir:
             raise PlannerError("the orchestrator needs model_dir (for the tokenizer)")
+        taken = {"orchestrator", *(r.name for r in self.replicas)}
+        for name in self.tensorrt_llm_entry_points:
+            if name not in TENSORRT_LLM_ENTRY_POINTS or name in taken:
+                raise PlannerError(f"entry point {name!r}: must be one of {TENSORRT_LLM_ENTRY_POINTS}, once")
+            taken.add(name)
 
     @property
     def replicas(self) -> tuple[ReplicaSpec, ...]:

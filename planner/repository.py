@@ -68,14 +68,20 @@ def _set_parameters(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
         cfg.parameters[key].string_value = params[key]
 
 
-def orchestrator_config(dep: Deployment) -> mc.ModelConfig:
-    cfg = _base("orchestrator", "orchestrator")
-    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+def orchestrator_config(dep: Deployment, name: str = "orchestrator") -> mc.ModelConfig:
+    """The orchestrator, or (name "ensemble" or "tensorrt_llm_bls") an entry point for TensorRT-LLM's
+    clients: the same routing, inputs with a batch dimension (max_batch_size 1, so [1, 1] tensors)
+    and the prompt in non-streaming output unless the request excludes it, as TensorRT-LLM does."""
+    cfg = _base(name, "orchestrator")
     routed = dataclasses.replace(
         dep.orchestrator,
         prefill_models=",".join(r.name for r in dep.prefill),
         decode_models=",".join(r.name for r in dep.decode),
     )
+    if name != "orchestrator":
+        cfg.max_batch_size = 1
+        routed = dataclasses.replace(routed, input_in_output="include")
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     _set_parameters(cfg, routed.to_parameters())
     return cfg
 
@@ -90,7 +96,8 @@ def write_repository(deployment: Deployment, out_dir: str | Path) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     models: dict[str, tuple[str, mc.ModelConfig]] = {
-        "orchestrator": ("orchestrator", orchestrator_config(deployment))
+        name: ("orchestrator", orchestrator_config(deployment, name))
+        for name in ("orchestrator", *deployment.tensorrt_llm_entry_points)
     }
     for rep in deployment.replicas:
         models[rep.name] = (rep.role, replica_config(rep))

@@ -14,9 +14,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 
-def write_repository(out: Path, model_dir: Path, **engine_overrides: Any) -> Path:
+def write_repository(
+    out: Path, model_dir: Path, tensorrt_llm_entry_points: tuple[str, ...] = (), **engine_overrides: Any
+) -> Path:
     """The default deployment (prefill, decode, colocated, orchestrator on CPU) for model_dir,
-    written by the project's generator, with engine parameters overridden for a test."""
+    written by the project's generator, with engine parameters overridden for a test. The
+    TensorRT-LLM entry points (two more orchestrator processes) only where a test asks for them."""
     from planner.deployment import default_deployment
     from planner.repository import write_repository as write
 
@@ -29,6 +32,7 @@ def write_repository(out: Path, model_dir: Path, **engine_overrides: Any) -> Pat
     assert dep.colocated is not None
     dep = dataclasses.replace(
         dep,
+        tensorrt_llm_entry_points=tensorrt_llm_entry_points,
         prefill=tuple(tuned(r) for r in dep.prefill),
         decode=tuple(tuned(r) for r in dep.decode),
         colocated=tuned(dep.colocated),
@@ -89,15 +93,15 @@ def stream_many(
             s = state[result.get_response().id]
             ids = result.as_numpy("output_ids")
             if ids is not None:
-                s["ids"] += ids.tolist()
-                s["text"] += result.as_numpy("text_output")[0].decode()
-                s["reason"] = result.as_numpy("finish_reason")[0].decode() or s["reason"]
+                s["ids"] += ids.reshape(-1).tolist()
+                s["text"] += result.as_numpy("text_output").reshape(-1)[0].decode()
+                s["reason"] = result.as_numpy("finish_reason").reshape(-1)[0].decode() or s["reason"]
                 s["n"] += 1
                 log_probs, cum = result.as_numpy("output_log_probs"), result.as_numpy("cum_log_probs")
                 if log_probs is not None:
-                    s["log_probs"] += log_probs.tolist()
+                    s["log_probs"] += log_probs.reshape(-1).tolist()
                 if cum is not None:
-                    s["cum"] = float(cum[0])
+                    s["cum"] = float(cum.reshape(-1)[0])
             if result.get_response().parameters["triton_final_response"].bool_param:
                 s["done"] = True
         ok = True

@@ -61,7 +61,12 @@ def check_plan(plan: dict, out: Path, nodes: int, gpus: int) -> None:
     names = {p.name for p in repo.iterdir()}
     n_p = sum(r["role"] == "prefill" for r in plan["replicas"])
     n_d = sum(r["role"] == "decode" for r in plan["replicas"])
-    assert names == {"orchestrator", *replica_names("prefill", n_p), *replica_names("decode", n_d)}
+    entry_points = {
+        "orchestrator",
+        "ensemble",
+        "tensorrt_llm_bls",
+    }  # the last two: TensorRT-LLM clients' names
+    assert names == {*entry_points, *replica_names("prefill", n_p), *replica_names("decode", n_d)}
     for name in names:
         cfg = text_format.Parse((repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
         assert cfg.name == name

@@ -41,12 +41,15 @@ def test_committed_default_repository_is_current(tmp_path: Path, monkeypatch: py
 
 def test_default_repository_follows_the_conventions(tmp_path: Path) -> None:
     write_repository(default_deployment("../models/tiny-llama"), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["colocated", "decode", "orchestrator", "prefill"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "colocated", "decode", "ensemble", "orchestrator", "prefill", "tensorrt_llm_bls",
+    ]  # fmt: skip
     for folder in tmp_path.iterdir():
         cfg = parse(folder / "config.pbtxt")
-        assert cfg.name == folder.name and cfg.backend == "python" and cfg.max_batch_size == 0
+        entry_point = folder.name in ("ensemble", "tensorrt_llm_bls")  # TensorRT-LLM's names and shapes
+        assert cfg.name == folder.name and cfg.backend == "python" and cfg.max_batch_size == int(entry_point)
         assert cfg.model_transaction_policy.decoupled
-        role = folder.name
+        role = "orchestrator" if entry_point else folder.name
         inputs, outputs = MODEL_INTERFACES[role]
         assert [(i.name, mc.DataType.Name(i.data_type), tuple(i.dims), i.optional) for i in cfg.input] == [
             (s.name, s.data_type, s.dims, s.optional) for s in inputs
@@ -59,6 +62,10 @@ def test_default_repository_follows_the_conventions(tmp_path: Path) -> None:
         )
     orch = params(parse(tmp_path / "orchestrator" / "config.pbtxt"))
     assert orch["prefill_models"] == "prefill" and orch["decode_models"] == "decode"
+    assert orch["input_in_output"] == "exclude"
+    for name in ("ensemble", "tensorrt_llm_bls"):
+        alias = params(parse(tmp_path / name / "config.pbtxt"))
+        assert alias == {**orch, "input_in_output": "include"}  # the same replicas: no engine of its own
     eng = params(parse(tmp_path / "prefill" / "config.pbtxt"))
     assert (
         eng["model_dir"] == "../models/tiny-llama" and eng["device"] == "cpu" and eng["max_model_len"] == ""
@@ -79,6 +86,7 @@ def test_gpu_instance_groups_and_stale_models(tmp_path: Path) -> None:
         prefill=(rep("prefill_0", "prefill", (0,), 1), rep("prefill_1", "prefill", (1,), 1)),
         decode=(rep("decode", "decode", (2, 3), 2),),
         orchestrator=OrchestratorParams("/m"),
+        tensorrt_llm_entry_points=(),
     )
     (tmp_path / "colocated").mkdir()
     (tmp_path / "colocated" / "config.pbtxt").write_text('name: "colocated"')

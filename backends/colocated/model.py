@@ -68,6 +68,10 @@ class TritonPythonModel:
             except RequestError as e:
                 sink.error(str(e))
                 continue
+            # Colocated's default is this project's: the prompt only when a request asks for it.
+            echo: tuple[str, tuple[int, ...]] = ("", ())
+            if req.exclude_input is False:
+                echo = (str(req.text or self.tokenizer.decode(seq.prompt_ids)), tuple(seq.prompt_ids))
             stream = ClientStream(
                 self.outbox.sink(sink),
                 self.tokenizer,
@@ -76,6 +80,7 @@ class TritonPythonModel:
                 self.latency,
                 arrived,
                 log_probs=req.params.logprobs,
+                echo=echo,
             )
             self.worker.submit((seq, stream))
 

@@ -34,8 +34,12 @@ class ClientStream:
         metrics: LatencyMetrics | None = None,
         arrived: float | None = None,
         log_probs: bool = False,
+        echo: tuple[str, tuple[int, ...]] = ("", ()),
     ) -> None:
         self.sink = sink
+        # The prompt's text and ids, put before the output of a non-streaming response
+        # (TensorRT-LLM's exclude_input_in_output false).
+        self.echo = echo
         # With log_probs every push brings one log-probability per token; responses carry them.
         self.log_probs: list[float] | None = [] if log_probs else None
         self.stream = stream
@@ -90,8 +94,8 @@ class ClientStream:
             self.sink.send(chunk, final=final)
         elif final:
             whole = ClientChunk(
-                text_output=self.text.sent,
-                output_ids=tuple(self.ids),
+                text_output=self.echo[0] + self.text.sent,
+                output_ids=self.echo[1] + tuple(self.ids),
                 finish_reason=finish_reason or "",
                 output_log_probs=None if self.log_probs is None else tuple(self.log_probs),
                 cum_log_probs=cum,

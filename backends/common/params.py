@@ -181,6 +181,12 @@ class OrchestratorParams(ParamGroup):
     decode_stall_timeout_seconds: float = param(
         10.0, "longest silence of a decode instance before the request fails", minimum=1e-3
     )
+    input_in_output: str = param(
+        "exclude",
+        "non-streaming text of a request without exclude_input_in_output: without the prompt "
+        "(this project's default) or with it (TensorRT-LLM's, the ensemble and tensorrt_llm_bls entry points)",
+        choices=("exclude", "include"),
+    )
 
 
 def model_parameters(args: Mapping[str, str]) -> tuple[dict[str, str], Path]:

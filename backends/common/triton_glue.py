@@ -38,9 +38,10 @@ def freeze_startup_heap() -> None:
 class TritonSink:
     """ResponseSink over a decoupled request's response sender (thread-safe, closes once)."""
 
-    def __init__(self, request: Any, inband_errors: bool = False) -> None:
+    def __init__(self, request: Any, inband_errors: bool = False, batch_dim: bool = False) -> None:
         self._sender = request.get_response_sender()
         self._inband = inband_errors
+        self._batch_dim = batch_dim  # a model with max_batch_size >= 1: outputs get a batch of one
         self._lock = threading.Lock()
         self._closed = False
         self._cancelled = False
@@ -49,9 +50,10 @@ class TritonSink:
         self._checked_at = time.monotonic()
 
     def send(self, message: Message, final: bool) -> None:
-        tensors = [
-            pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in message.to_tensors().items()
-        ]
+        arrays = message.to_tensors().items()
+        if self._batch_dim:
+            arrays = ((name, arr[np.newaxis]) for name, arr in arrays)  # type: ignore[assignment]
+        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in arrays]
         self._send(pb_utils.InferenceResponse(output_tensors=tensors), final)
 
     def acknowledge(self) -> None:

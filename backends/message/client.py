@@ -35,6 +35,11 @@ class ClientInputs(Sampling):
     stream: bool = False
     stop_words: tuple[str, ...] = ()
     seed: int | None = None
+    exclude_input_in_output: bool | None = None
+    bad_words: tuple[str, ...] = ()
+    beam_width: int | None = None
+    num_return_sequences: int | None = None
+    pad_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class ClientRequest:
     params: SamplingParams
     stream: bool
     stop_words: tuple[str, ...]
+    exclude_input: bool | None = None  # None: the model's default (OrchestratorParams.input_in_output)
 
     @staticmethod
     def from_tensors(tensors: Mapping[str, np.ndarray]) -> ClientRequest:
@@ -67,12 +73,14 @@ class ClientRequest:
                 f"'seed' ({raw.seed}) and 'random_seed' ({raw.random_seed}) are the same option; "
                 "give one, or the same value"
             )
+        _check_tensorrt_llm_options(raw)
         return ClientRequest(
             text=raw.text_input,
             prompt_ids=None if raw.input_ids is None else list(raw.input_ids),
             params=raw.sampling_params(seed=raw.seed),
             stream=raw.stream,
             stop_words=stop_words,
+            exclude_input=raw.exclude_input_in_output,
         )
 
     def prompt_ids_with(self, tokenizer: Any) -> list[int]:
@@ -82,6 +90,21 @@ class ClientRequest:
             return self.prompt_ids
         assert self.text is not None
         return [int(t) for t in tokenizer(self.text).input_ids]
+
+
+def _check_tensorrt_llm_options(raw: ClientInputs) -> None:
+    """TensorRT-LLM's options with one value here: anything else is refused by name. pad_id has no
+    effect (a response is one sequence, never padded), so any id is accepted."""
+    if raw.beam_width not in (None, 1):
+        raise RequestError(f"beam search is not supported: beam_width must be 1, got {raw.beam_width}")
+    if raw.num_return_sequences not in (None, 1):
+        raise RequestError(
+            f"num_return_sequences must be 1 (one sequence per request), got {raw.num_return_sequences}"
+        )
+    if any(raw.bad_words):  # TensorRT-LLM's clients send "" for "no bad words"
+        raise RequestError("bad_words is not supported yet (an empty bad word, meaning none, is accepted)")
+    if raw.pad_id is not None and raw.pad_id < 0:
+        raise RequestError(f"pad_id must be a token id >= 0, got {raw.pad_id}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,6 +42,12 @@ CLIENT_INPUTS = (
     TensorSpec("stream", "TYPE_BOOL", (1,), optional=True),
     TensorSpec("stop_words", "TYPE_STRING", (-1,), optional=True),
     TensorSpec("seed", "TYPE_UINT64", (1,), optional=True),  # TensorRT-LLM's newer name of random_seed
+    # TensorRT-LLM's ensemble/BLS inputs with one meaning here (client.py says which values):
+    TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,), optional=True),
+    TensorSpec("bad_words", "TYPE_STRING", (-1,), optional=True),
+    TensorSpec("beam_width", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("num_return_sequences", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("pad_id", "TYPE_INT32", (1,), optional=True),
 )
 # output_log_probs (the log-probability of each token of this response) and cum_log_probs (their
 # sum over the request so far) are sent only when the request set return_log_probs.

@@ -10,6 +10,7 @@ replicas of one node group).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,9 @@ class TritonPythonModel:
         trace.configure(args["model_name"])
         raw, root = model_parameters(args)
         params = OrchestratorParams.from_parameters(raw)
+        self.include_input = params.input_in_output == "include"
+        # TensorRT-LLM's entry points batch: their tensors have a leading batch dimension of 1.
+        self.batch_dim = int(json.loads(args["model_config"]).get("max_batch_size", 0)) > 0
         self.tokenizer = load_tokenizer(resolve_model_dir(params.model_dir, root))
         routes = RoutingTable.parse(params.prefill_models, params.decode_models, params.routing_groups)
         self.leases = LeaseReleaser()
@@ -80,13 +84,15 @@ class TritonPythonModel:
 
     def _accept(self, requests: list[Any], arrived: float) -> None:
         for request in requests:
-            sink = TritonSink(request)
+            sink = TritonSink(request, batch_dim=self.batch_dim)
             try:
                 req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
                 ids = req.prompt_ids_with(self.tokenizer)
             except RequestError as e:
                 sink.error(str(e))
                 continue
+            include = req.exclude_input is False or (req.exclude_input is None and self.include_input)
+            echo = (str(req.text or self.tokenizer.decode(ids)), tuple(ids)) if include else ("", ())
             stream = ClientStream(
                 sink,
                 self.tokenizer,
@@ -95,6 +101,7 @@ class TritonPythonModel:
                 self.latency,
                 arrived,
                 log_probs=req.params.logprobs,
+                echo=echo,
             )
             self.pool.submit(self.pipeline.run, ids, req.params, stream)
 

@@ -1,0 +1,3 @@
+"""Triton model ensemble: the orchestrator model of triton-disagg."""
+
+from backends.orchestrator.model import TritonPythonModel  # noqa: F401

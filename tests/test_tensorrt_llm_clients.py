@@ -1,0 +1,112 @@
+"""What TensorRT-LLM's own clients send, against the generated repository on a real tritonserver:
+the `ensemble` and `tensorrt_llm_bls` entry points with [1, 1] tensors (end_to_end_grpc_client.py's
+requests, rewritten here) and the README's curl request to /generate."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from serving import client_inputs, stream_many, write_repository
+from tritonserver_fixture import start_tritonserver
+
+from backends.launcher import TritonServer
+
+pytestmark = pytest.mark.e2e
+PROMPT = "What is machine learning?"
+ENTRY_POINTS = ("ensemble", "tensorrt_llm_bls")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    work = tmp_path_factory.mktemp("trtllm")
+    repo = write_repository(work / "repo", tiny_model_dir, tensorrt_llm_entry_points=ENTRY_POINTS)
+    srv = start_tritonserver(repo, work)
+    yield srv
+    srv.stop()
+
+
+def batch_inputs(
+    text: str, max_tokens: int, stream: bool, **extra: np.ndarray
+) -> list[grpcclient.InferInput]:
+    """end_to_end_grpc_client.py's tensors: every input [1, 1] (a batch of one), strings as BYTES."""
+    arrays = {
+        "text_input": np.array([[text.encode()]], dtype=object),
+        "max_tokens": np.array([[max_tokens]], dtype=np.int32),
+        "bad_words": np.array([[b""]], dtype=object),
+        "stop_words": np.array([[b""]], dtype=object),
+        "exclude_input_in_output": np.array([[True]]),
+        "beam_width": np.array([[1]], dtype=np.int32),
+        "stream": np.array([[stream]]),
+        **extra,
+    }
+    inputs = []
+    for name, arr in arrays.items():
+        dtype = "BYTES" if arr.dtype == object else grpcclient.np_to_triton_dtype(arr.dtype)
+        inp = grpcclient.InferInput(name, list(arr.shape), dtype)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
+@pytest.mark.parametrize("model", ENTRY_POINTS)
+def test_streaming_with_batch_tensors_equals_the_orchestrator(server: TritonServer, model: str) -> None:
+    reference = stream_many(server.grpc_url, "orchestrator", [client_inputs(PROMPT, 12)])  # shapes [1]
+    [got] = stream_many(server.grpc_url, model, [batch_inputs(PROMPT, 12, True)])
+    assert got.error is None and got.output_ids == reference[0].output_ids and got.text == reference[0].text
+    assert got.finish_reason == "length" and got.responses >= 2
+    logged = stream_many(
+        server.grpc_url, model, [batch_inputs(PROMPT, 12, True, return_log_probs=np.array([[True]]))]
+    )[0]
+    assert logged.output_ids == got.output_ids and len(logged.log_probs) == 12
+    assert logged.cum_log_probs == pytest.approx(sum(logged.log_probs), abs=1e-3)
+
+
+def test_prompt_in_output_unless_excluded(server: TritonServer) -> None:
+    """TensorRT-LLM's default (exclude_input_in_output absent or false) puts the prompt before a
+    non-streaming output; true leaves it out."""
+    [excluded] = stream_many(server.grpc_url, "ensemble", [batch_inputs(PROMPT, 8, False)])
+    included = stream_many(
+        server.grpc_url, "ensemble",
+        [batch_inputs(PROMPT, 8, False, exclude_input_in_output=np.array([[False]]))],
+    )[0]  # fmt: skip
+    assert excluded.error is None and included.error is None
+    assert included.text == PROMPT + excluded.text
+    assert included.output_ids[-8:] == excluded.output_ids and len(included.output_ids) > 8
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"beam_width": np.array([[2]], dtype=np.int32)}, "beam_width must be 1"),
+        ({"num_return_sequences": np.array([[3]], dtype=np.int32)}, "num_return_sequences must be 1"),
+        ({"bad_words": np.array([[b"ocean"]], dtype=object)}, "bad_words is not supported"),
+    ],
+)
+def test_options_with_another_value_are_refused_by_name(
+    server: TritonServer, extra: dict[str, np.ndarray], message: str
+) -> None:
+    [got] = stream_many(server.grpc_url, "tensorrt_llm_bls", [batch_inputs(PROMPT, 4, True, **extra)])
+    assert got.error is not None and message in got.error
+
+
+def test_readme_curl_request(server: TritonServer) -> None:
+    body = {"text_input": PROMPT, "max_tokens": 20, "bad_words": "", "stop_words": ""}
+    req = urllib.request.Request(
+        f"{server.http_url}/v2/models/ensemble/generate", data=json.dumps(body).encode(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, reply = resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        status, reply = exc.code, json.loads(exc.read())
+    assert status == 200, reply
+    text = reply["text_output"]
+    text = text[0] if isinstance(text, list) else text
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
