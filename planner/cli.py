@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from planner.placement import plan as run_plan
 from planner.plan import Plan, save_plan
 from planner.plan_deploy import deployment_from_plan
 from planner.report import describe
-from planner.repository import relative_model_dir, write_repository
+from planner.repository import add_decoupled_argument, relative_model_dir, write_repository
 from workload import WorkloadError
 
 
@@ -50,7 +51,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         result, problem.model, problem.cluster, relative_model_dir(model_dir, repo), problem.token_budget,
         problem.max_batch, problem.capacity_table,
     )  # fmt: skip
-    names = write_repository(dep, repo)
+    names = write_repository(dataclasses.replace(dep, decoupled=a.decoupled == "true"), repo)
     print(describe(result, problem))
     print(f"wrote {out / 'plan.json'} and {repo} ({len(names)} models) in {elapsed:.1f}s")
     return 0
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model-dir", help="model folder the repository points at (default: --model or models/NAME)"
     )
     pp.add_argument("--out", required=True)
+    add_decoupled_argument(pp)
     pp.set_defaults(func=cmd_plan)
     profiler.add_parser(sub)
     replan.add_parser(sub)

@@ -53,6 +53,9 @@ class Deployment:
     # More entry points routing over the same replicas, under the names TensorRT-LLM's clients
     # call, with its tensor shapes (a batch dimension) and defaults: orchestrators, not engines.
     tensorrt_llm_entry_points: tuple[str, ...] = TENSORRT_LLM_ENTRY_POINTS
+    # Streaming entry points (decoupled; the default) or unary ones (TensorRT-LLM's
+    # decoupled_mode false: gRPC ModelInfer, HTTP /infer and /generate).
+    decoupled: bool = True
 
     def __post_init__(self) -> None:
         for role, reps in (("prefill", self.prefill), ("decode", self.decode)):

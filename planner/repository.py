@@ -3,6 +3,7 @@ ModelConfig protobuf) and a thin 1/model.py importing the model class from backe
 
     python -m planner.repository --out model_repository [--model-dir models/tiny-llama] [--device cpu]
         [--prefill-tp N] [--decode-tp N] [--prefill-pp N] [--decode-pp N] [--num-blocks N]
+        [--decoupled true|false]
 
 writes the default deployment (what `make serve` runs): one prefill, one decode (each with its own
 tensor- and pipeline-parallel degrees), a colocated model at TP 1, PP 1 and the orchestrator. Output is deterministic:
@@ -81,6 +82,7 @@ def orchestrator_config(dep: Deployment, name: str = "orchestrator") -> mc.Model
     if name != "orchestrator":
         cfg.max_batch_size = 1
         routed = dataclasses.replace(routed, input_in_output="include")
+    cfg.model_transaction_policy.decoupled = dep.decoupled
     cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     _set_parameters(cfg, routed.to_parameters())
     return cfg
@@ -112,6 +114,17 @@ def write_repository(deployment: Deployment, out_dir: str | Path) -> list[str]:
     return sorted(models)
 
 
+def add_decoupled_argument(ap: argparse.ArgumentParser) -> None:
+    """--decoupled true|false, as TensorRT-LLM's decoupled_mode: streaming or unary entry points."""
+    ap.add_argument(
+        "--decoupled",
+        choices=("true", "false"),
+        default="true",
+        help="entry points (orchestrator, ensemble, tensorrt_llm_bls) stream (true) or answer once "
+        "(false: gRPC ModelInfer, HTTP /infer and /generate)",
+    )
+
+
 def relative_model_dir(model_dir: str, out_dir: str | Path) -> str:
     """model_dir as the models will read it: relative to the repository folder unless absolute."""
     if os.path.isabs(model_dir):
@@ -133,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of the decode instance")
     ap.add_argument("--prefill-pp", type=int, default=1, help="pipeline stages of the prefill instance")
     ap.add_argument("--decode-pp", type=int, default=1, help="pipeline stages of the decode instance")
+    add_decoupled_argument(ap)
     args = ap.parse_args(argv)
     try:
         model_dir = relative_model_dir(args.model_dir, args.out)
@@ -145,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.prefill_pp,
             args.decode_pp,
         )
-        names = write_repository(dep, args.out)
+        names = write_repository(dataclasses.replace(dep, decoupled=args.decoupled == "true"), args.out)
     except (PlannerError, ParameterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ requests, rewritten here) and the README's curl request to /generate."""
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -110,3 +111,68 @@ def test_readme_curl_request(server: TritonServer) -> None:
     text = reply["text_output"]
     text = text[0] if isinstance(text, list) else text
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+
+
+@pytest.fixture(scope="module")
+def unary_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A repository written as with --decoupled false: unary entry points."""
+    import dataclasses
+
+    from planner.deployment import default_deployment
+    from planner.repository import write_repository as write
+
+    work = tmp_path_factory.mktemp("trtllm-unary")
+    repo = write_repository(work / "repo", tiny_model_dir, tensorrt_llm_entry_points=ENTRY_POINTS)
+    dep = default_deployment(str(tiny_model_dir.resolve()))
+    # Only the entry points change with --decoupled false; rewrite them over the test repository.
+    for name in ("orchestrator", *ENTRY_POINTS):
+        shutil.rmtree(repo / name)
+    write(dataclasses.replace(dep, decoupled=False, colocated=None), work / "unary")
+    for name in ("orchestrator", *ENTRY_POINTS):
+        shutil.copytree(work / "unary" / name, repo / name)
+    srv = start_tritonserver(repo, work)
+    yield srv
+    srv.stop()
+
+
+def test_unary_grpc_and_http_infer_and_generate(unary_server: TritonServer, server: TritonServer) -> None:
+    """gRPC ModelInfer, HTTP /infer and /generate against unary entry points give the streaming
+    deployment's tokens; stream=true is refused by name."""
+    [streamed] = stream_many(server.grpc_url, "orchestrator", [client_inputs(PROMPT, 10)])
+    client = grpcclient.InferenceServerClient(unary_server.grpc_url)
+    try:
+        for model, inputs in (
+            ("orchestrator", client_inputs(PROMPT, 10, stream=False)),
+            ("ensemble", batch_inputs(PROMPT, 10, False)),
+            ("tensorrt_llm_bls", batch_inputs(PROMPT, 10, False, return_log_probs=np.array([[True]]))),
+        ):
+            result = client.infer(model, inputs)
+            assert result.as_numpy("output_ids").reshape(-1).tolist() == streamed.output_ids, model
+            assert result.as_numpy("text_output").reshape(-1)[0].decode() == streamed.text
+        assert result.as_numpy("output_log_probs").size == 10
+        with pytest.raises(Exception, match="stream must be false"):
+            client.infer("ensemble", batch_inputs(PROMPT, 4, True))
+    finally:
+        client.close()
+    body = {"text_input": PROMPT, "max_tokens": 10, "exclude_input_in_output": True}
+    for path in ("/v2/models/ensemble/generate", "/v2/models/orchestrator/generate"):
+        req = urllib.request.Request(
+            unary_server.http_url + path, data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            reply = json.loads(resp.read())
+        text = reply["text_output"]
+        assert (text[0] if isinstance(text, list) else text) == streamed.text, path
+    infer = {
+        "inputs": [
+            {"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPT]},
+            {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [10]},
+            {"name": "exclude_input_in_output", "shape": [1, 1], "datatype": "BOOL", "data": [True]},
+        ]
+    }
+    req = urllib.request.Request(
+        unary_server.http_url + "/v2/models/ensemble/infer", data=json.dumps(infer).encode(), method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        outputs = {o["name"]: o["data"] for o in json.loads(resp.read())["outputs"]}
+    assert outputs["output_ids"] == streamed.output_ids and outputs["text_output"] == [streamed.text]

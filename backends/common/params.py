@@ -189,12 +189,13 @@ class OrchestratorParams(ParamGroup):
     )
 
 
-def model_parameters(args: Mapping[str, str]) -> tuple[dict[str, str], Path]:
-    """What every model's initialize() starts with: checks the model is decoupled, returns its
-    string parameters and the repository root (relative model_dir values resolve against it;
-    args["model_repository"] is the model's own folder)."""
+def model_parameters(args: Mapping[str, str], unary_ok: bool = False) -> tuple[dict[str, str], Path]:
+    """What every model's initialize() starts with: checks the model is decoupled (unless
+    `unary_ok`: the entry points may answer once), returns its string parameters and the repository
+    root (relative model_dir values resolve against it; args["model_repository"] is the model's
+    own folder)."""
     config = dict(json.loads(args["model_config"]))
-    if not config.get("model_transaction_policy", {}).get("decoupled", False):
+    if not unary_ok and not config.get("model_transaction_policy", {}).get("decoupled", False):
         raise ParameterError(
             f"model {config.get('name')!r} must be decoupled: set model_transaction_policy {{ decoupled: true }}"
         )

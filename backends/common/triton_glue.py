@@ -35,6 +35,15 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def response_tensors(message: Message, batch_dim: bool = False) -> list[Any]:
+    """A message's output tensors; with `batch_dim` (a model with max_batch_size >= 1) each gets a
+    leading batch dimension of one."""
+    return [
+        pb_utils.Tensor(name, np.ascontiguousarray(arr[np.newaxis] if batch_dim else arr))
+        for name, arr in message.to_tensors().items()
+    ]
+
+
 class TritonSink:
     """ResponseSink over a decoupled request's response sender (thread-safe, closes once)."""
 
@@ -50,11 +59,9 @@ class TritonSink:
         self._checked_at = time.monotonic()
 
     def send(self, message: Message, final: bool) -> None:
-        arrays = message.to_tensors().items()
-        if self._batch_dim:
-            arrays = ((name, arr[np.newaxis]) for name, arr in arrays)  # type: ignore[assignment]
-        tensors = [pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in arrays]
-        self._send(pb_utils.InferenceResponse(output_tensors=tensors), final)
+        self._send(
+            pb_utils.InferenceResponse(output_tensors=response_tensors(message, self._batch_dim)), final
+        )
 
     def acknowledge(self) -> None:
         """Sends an empty, non-final response: "accepted".

@@ -1,11 +1,14 @@
-"""Triton python-backend model: the orchestrator (decoupled BLS).
+"""Triton python-backend model: the orchestrator (decoupled BLS), and the entry points for
+TensorRT-LLM's clients (`ensemble`, `tensorrt_llm_bls`: the same model with a batch dimension).
 
 For each client request, on a worker thread (many requests in flight in one instance): tokenize,
 call a prefill replica, stream the first token at once, call a decode replica and stream the rest,
 with incremental detokenization, stop words, a per-request error on any failure, and always the
 final flag. Replicas are chosen by least outstanding tokens from the routing table in the
 parameters prefill_models and decode_models (and routing_groups, which keeps a request on the
-replicas of one node group).
+replicas of one node group). Written with decoupled false (unary: gRPC ModelInfer, HTTP /infer
+and /generate), execute() returns each request's one response once all of its call's requests
+have ended (unary.py).
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from backends.common import metrics as M
 from backends.common import trace
 from backends.common.client_stream import ClientStream, LatencyMetrics
 from backends.common.params import OrchestratorParams, model_parameters, resolve_model_dir
-from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs
+from backends.common.sink import ResponseSink
+from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs, response_tensors
 from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest
 from backends.message.specs import CLIENT_INPUTS
 from backends.orchestrator.bls import BLSResponses, RetiredIterators
 from backends.orchestrator.inbox import TokenInbox
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import RoutingTable
+from backends.orchestrator.unary import UnarySink
 from engine.errors import RequestError
 from engine.tokenizer import load_tokenizer
 from kv_transfer import LeaseReleaser
@@ -40,11 +45,13 @@ log = logging.getLogger(__name__)
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         trace.configure(args["model_name"])
-        raw, root = model_parameters(args)
+        raw, root = model_parameters(args, unary_ok=True)
         params = OrchestratorParams.from_parameters(raw)
         self.include_input = params.input_in_output == "include"
         # TensorRT-LLM's entry points batch: their tensors have a leading batch dimension of 1.
-        self.batch_dim = int(json.loads(args["model_config"]).get("max_batch_size", 0)) > 0
+        config = json.loads(args["model_config"])
+        self.batch_dim = int(config.get("max_batch_size", 0)) > 0
+        self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
         self.tokenizer = load_tokenizer(resolve_model_dir(params.model_dir, root))
         routes = RoutingTable.parse(params.prefill_models, params.decode_models, params.routing_groups)
         self.leases = LeaseReleaser()
@@ -76,34 +83,57 @@ class TritonPythonModel:
             iterator = request.exec(decoupled=True)
         return BLSResponses(iterator, names, self.retired, PhaseError)
 
-    def execute(self, requests: list[Any]) -> None:
+    def execute(self, requests: list[Any]) -> list[Any] | None:
         arrived = time.perf_counter()  # before the lock: waiting for it is part of TTFT
         trace.mark("arrive")
+        if not self.decoupled:
+            return self._answer(requests, arrived)
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
-            self._accept(requests, arrived)
+            for request in requests:
+                self._accept(request, TritonSink(request, batch_dim=self.batch_dim), arrived)
+        return None
 
-    def _accept(self, requests: list[Any], arrived: float) -> None:
-        for request in requests:
-            sink = TritonSink(request, batch_dim=self.batch_dim)
-            try:
-                req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
-                ids = req.prompt_ids_with(self.tokenizer)
-            except RequestError as e:
-                sink.error(str(e))
-                continue
-            include = req.exclude_input is False or (req.exclude_input is None and self.include_input)
-            echo = (str(req.text or self.tokenizer.decode(ids)), tuple(ids)) if include else ("", ())
-            stream = ClientStream(
-                sink,
-                self.tokenizer,
-                req.stream,
-                req.stop_words,
-                self.latency,
-                arrived,
-                log_probs=req.params.logprobs,
-                echo=echo,
-            )
-            self.pool.submit(self.pipeline.run, ids, req.params, stream)
+    def _answer(self, requests: list[Any], arrived: float) -> list[Any]:
+        """Unary: every request of the call runs at once; their responses once all have ended."""
+        sinks = [UnarySink() for _ in requests]
+        with PB_LOCK:
+            for request, sink in zip(requests, sinks, strict=True):
+                self._accept(request, sink, arrived, unary=True)
+        for sink in sinks:  # without the lock: the pipelines' calls need it
+            sink.done.wait()  # Pipeline.run always ends its stream (a final response or an error)
+        with PB_LOCK:
+            return [
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(s.error_message))
+                if s.message is None
+                else pb_utils.InferenceResponse(output_tensors=response_tensors(s.message, self.batch_dim))
+                for s in sinks
+            ]
+
+    def _accept(self, request: Any, sink: ResponseSink, arrived: float, unary: bool = False) -> None:
+        """Parses the request and starts its pipeline, or answers it with its error."""
+        try:
+            req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
+            if unary and req.stream:
+                raise RequestError(
+                    "this entry point is unary (written with --decoupled false): stream must be false"
+                )
+            ids = req.prompt_ids_with(self.tokenizer)
+        except RequestError as e:
+            sink.error(str(e))
+            return
+        include = req.exclude_input is False or (req.exclude_input is None and self.include_input)
+        echo = (str(req.text or self.tokenizer.decode(ids)), tuple(ids)) if include else ("", ())
+        stream = ClientStream(
+            sink,
+            self.tokenizer,
+            req.stream,
+            req.stop_words,
+            self.latency,
+            arrived,
+            log_probs=req.params.logprobs,
+            echo=echo,
+        )
+        self.pool.submit(self.pipeline.run, ids, req.params, stream)
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
