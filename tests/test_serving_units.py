@@ -62,6 +62,14 @@ def test_client_request_parsing_and_defaults() -> None:
     assert req.stop_words == ("\n\n", "END")
 
 
+def test_request_parameters_other_than_tritons_are_refused() -> None:
+    from backends.message import check_parameters
+
+    check_parameters({"triton_enable_empty_final_response": True, "priority": 1})
+    with pytest.raises(RequestError, match="unknown input or option 'stop_word'"):
+        check_parameters({"stop_word": "x"})
+
+
 def test_tensorrt_llm_spellings() -> None:
     """An empty stop word means none; `seed` is random_seed's newer name; the penalties,
     min_tokens and return_log_probs reach the engine's parameters."""

@@ -97,6 +97,28 @@ def test_options_with_another_value_are_refused_by_name(
     assert got.error is not None and message in got.error
 
 
+def test_unknown_http_keys_are_refused_by_name(server: TritonServer) -> None:
+    """/generate turns a JSON key that is no input into a request parameter: it is refused, not
+    dropped (TensorRT-LLM's `seed` is an input here)."""
+    for model in ("ensemble", "orchestrator", "colocated"):
+        body = {"text_input": PROMPT, "max_tokens": 4, "frobnicate": 1}
+        req = urllib.request.Request(
+            f"{server.http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(), method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert "unknown input or option 'frobnicate'" in err.value.read().decode(), model
+    seeded = []
+    for _ in range(2):
+        body = {"text_input": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 42}
+        req = urllib.request.Request(
+            f"{server.http_url}/v2/models/ensemble/generate", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            seeded.append(json.loads(resp.read())["output_ids"])
+    assert seeded[0] == seeded[1]  # `seed` is honoured: the same seed, the same sample
+
+
 def test_readme_curl_request(server: TritonServer) -> None:
     body = {"text_input": PROMPT, "max_tokens": 20, "bad_words": "", "stop_words": ""}
     req = urllib.request.Request(

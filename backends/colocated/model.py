@@ -15,8 +15,15 @@ from backends.common import trace
 from backends.common.client_stream import ClientStream, LatencyMetrics
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
-from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
-from backends.message import ClientRequest
+from backends.common.triton_glue import (
+    PB_LOCK,
+    Metrics,
+    TritonSink,
+    freeze_startup_heap,
+    read_inputs,
+    read_parameters,
+)
+from backends.message import ClientRequest, check_parameters
 from backends.message.specs import CLIENT_INPUTS
 from engine.engine import LLMEngine
 from engine.errors import RequestError
@@ -62,6 +69,7 @@ class TritonPythonModel:
                 if self.engine.dead is not None:
                     raise RequestError(f"colocated instance out of service: {self.engine.dead}")
                 req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
+                check_parameters(read_parameters(request))
                 seq = self.engine.new_sequence(
                     req.prompt_ids_with(self.tokenizer), req.params, request.request_id()
                 )

@@ -8,6 +8,7 @@ is free of it and testable without a server.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import threading
 import time
@@ -112,6 +113,13 @@ class TritonSink:
             except Exception as exc:  # the client is gone; nothing else to do for this request
                 log.info("could not send a response: %s", exc)
                 self._closed = True
+
+
+def read_parameters(request: Any) -> dict[str, Any]:
+    """The request's parameters (a JSON object in 2.51's python backend)."""
+    raw = request.parameters()
+    parsed = json.loads(raw) if isinstance(raw, str) and raw else {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def read_inputs(request: Any, specs: Iterable[TensorSpec]) -> Tensors:

@@ -6,7 +6,7 @@ messages and client.py the client <-> orchestrator/colocated ones. Models and th
 build and read tensors only through these classes.
 """
 
-from backends.message.client import ClientChunk, ClientInputs, ClientRequest
+from backends.message.client import ClientChunk, ClientInputs, ClientRequest, check_parameters
 from backends.message.codec import Message, StreamChunk, Tensors
 from backends.message.phases import (
     ABORT,
@@ -38,5 +38,6 @@ __all__ = [
     "StreamChunk",
     "TensorSpec",
     "Tensors",
+    "check_parameters",
     "read_decode_input",
 ]

@@ -21,6 +21,7 @@ from engine.sampling import SamplingParams
 # Generous sanity bounds that keep a malformed request from allocating absurd amounts of memory
 # before the engine's own checks (context length) apply.
 MAX_STOP_WORDS = 16
+CLIENT_INPUT_NAMES = tuple(spec.name for spec in CLIENT_INPUTS)
 MAX_STOP_WORD_CHARS = 256
 
 
@@ -90,6 +91,22 @@ class ClientRequest:
             return self.prompt_ids
         assert self.text is not None
         return [int(t) for t in tokenizer(self.text).input_ids]
+
+
+# Request parameters Triton itself defines (KServe's, sequence batching's); "triton_*" are reserved.
+TRITON_PARAMETERS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output", "headers"}
+)
+
+
+def check_parameters(parameters: Mapping[str, Any]) -> None:
+    """A request's parameters: Triton's HTTP /generate turns every JSON key that is not an input
+    into one, so a misspelled or unsupported option arrives here and is refused by name."""
+    for key in sorted(parameters):
+        if not key.startswith("triton_") and key not in TRITON_PARAMETERS:
+            raise RequestError(
+                f"unknown input or option {key!r} (the inputs are: {', '.join(CLIENT_INPUT_NAMES)})"
+            )
 
 
 def _check_tensorrt_llm_options(raw: ClientInputs) -> None:

@@ -27,8 +27,15 @@ from backends.common import trace
 from backends.common.client_stream import ClientStream, LatencyMetrics
 from backends.common.params import OrchestratorParams, model_parameters, resolve_model_dir
 from backends.common.sink import ResponseSink
-from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, read_inputs, response_tensors
-from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest
+from backends.common.triton_glue import (
+    PB_LOCK,
+    Metrics,
+    TritonSink,
+    read_inputs,
+    read_parameters,
+    response_tensors,
+)
+from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest, check_parameters
 from backends.message.specs import CLIENT_INPUTS
 from backends.orchestrator.bls import BLSResponses, RetiredIterators
 from backends.orchestrator.inbox import TokenInbox
@@ -113,6 +120,7 @@ class TritonPythonModel:
         """Parses the request and starts its pipeline, or answers it with its error."""
         try:
             req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
+            check_parameters(read_parameters(request))
             if unary and req.stream:
                 raise RequestError(
                     "this entry point is unary (written with --decoupled false): stream must be false"
