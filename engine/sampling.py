@@ -7,8 +7,8 @@ so far). A sequence prefilled by one engine and decoded by another therefore sam
 one engine doing both would, and the same seed always gives the same output.
 
 A row's logits go through, in this order (transformers' and vLLM's order): the repetition penalty
-over the prompt and the output, the presence and frequency penalties over the output, min_tokens
-(end-of-sequence and stop tokens banned until that many tokens were made), then temperature,
+over the prompt and the output, the presence and frequency penalties over the output, bad words,
+min_tokens (end-of-sequence and stop tokens banned until that many tokens were made), then temperature,
 top-k and top-p. The log-probability returned is the chosen token's under that final distribution
 (what transformers' compute_transition_scores(normalize_logits=True) gives; greedy: after the
 penalties).
@@ -43,6 +43,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the output
     min_tokens: int = 0  # end-of-sequence and stop tokens are banned until this many were made
     logprobs: bool = False  # return each chosen token's log-probability
+    # Token sequences never to produce: a word's last token is banned whenever the history (prompt
+    # and output) ends with the rest of it (a one-token word: always), as transformers' bad_words_ids.
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -64,6 +67,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise RequestError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if any(not word or any(not isinstance(t, int) or t < 0 for t in word) for word in self.bad_words):
+            raise RequestError(
+                f"bad_words must be non-empty sequences of token ids >= 0, got {self.bad_words!r}"
+            )
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(
                 f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
@@ -81,6 +88,7 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or self.min_tokens > 0
+            or bool(self.bad_words)
         )
 
 
@@ -125,6 +133,12 @@ def adjust(logits: torch.Tensor, draw: Draw, end_ids: Sequence[int]) -> torch.Te
         counts = torch.bincount(torch.tensor(draw.output_ids, dtype=torch.long), minlength=logits.shape[-1])
         counts = counts[: logits.shape[-1]].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if p.bad_words:
+        history = [*draw.prompt_ids, *draw.output_ids]
+        for word in p.bad_words:
+            *prefix, last = word
+            if last < logits.shape[-1] and (not prefix or history[len(history) - len(prefix) :] == prefix):
+                logits[last] = float("-inf")
     if len(draw.output_ids) < p.min_tokens:
         banned = [t for t in (*end_ids, *p.stop_token_ids) if t < logits.shape[-1]]
         logits[banned] = float("-inf")

@@ -118,6 +118,21 @@ def test_min_tokens_matches_transformers(tiny_model_dir: Path, hf_model: Any) ->
     assert short[1][0] == first[: k + 1]
 
 
+def test_bad_words_match_transformers(tiny_model_dir: Path, hf_model: Any) -> None:
+    """A one-token bad word and a two-token one taken from the free output: neither appears, and
+    the tokens equal transformers' generate(bad_words_ids=...)."""
+    free = engine_generate(tiny_model_dir, [SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)] * 3)[1][0]
+    words = ((free[3],), (free[6], free[7]))
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, bad_words=words)
+    tokens = engine_generate(tiny_model_dir, [params] * 3)[1][0]
+    want, _ = hf_generate(
+        hf_model, PROMPTS[1], max_new_tokens=NEW_TOKENS, bad_words_ids=[list(w) for w in words]
+    )
+    assert tokens == want and tokens != free
+    assert free[3] not in tokens
+    assert all(tokens[i : i + 2] != list(words[1]) for i in range(len(tokens) - 1))
+
+
 def test_greedy_logprobs_match_transformers(tiny_model_dir: Path, hf_model: Any) -> None:
     got = engine_generate(
         tiny_model_dir, [SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True)] * 3
@@ -149,6 +164,7 @@ def test_adjust_by_hand() -> None:
         ({"frequency_penalty": float("inf")}, "frequency_penalty must be a finite number"),
         ({"min_tokens": 20, "max_tokens": 10}, r"min_tokens must be an integer in \[0, max_tokens=10\]"),
         ({"min_tokens": -1}, "min_tokens must be"),
+        ({"bad_words": ((),)}, "bad_words must be non-empty sequences"),
     ],
 )
 def test_bad_values_are_refused_by_name(kw: dict[str, Any], message: str) -> None:

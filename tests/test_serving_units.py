@@ -107,6 +107,10 @@ def test_tensorrt_llm_spellings() -> None:
         ),
         ({"min_tokens": np.array([9], np.int32)}, r"min_tokens must be an integer in \[0, max_tokens=4\]"),
         (
+            {"bad_word_ids": np.array([3, 4], np.int32), "bad_word_lens": np.array([1], np.int32)},
+            "bad_word_lens must be positive and add up to the 2 bad_word_ids",
+        ),
+        (
             {"repetition_penalty": np.array([0.0], np.float32)},
             "repetition_penalty must be a finite number > 0",
         ),

@@ -87,7 +87,6 @@ def test_prompt_in_output_unless_excluded(server: TritonServer) -> None:
     [
         ({"beam_width": np.array([[2]], dtype=np.int32)}, "beam_width must be 1"),
         ({"num_return_sequences": np.array([[3]], dtype=np.int32)}, "num_return_sequences must be 1"),
-        ({"bad_words": np.array([[b"ocean"]], dtype=object)}, "bad_words is not supported"),
     ],
 )
 def test_options_with_another_value_are_refused_by_name(
@@ -95,6 +94,26 @@ def test_options_with_another_value_are_refused_by_name(
 ) -> None:
     [got] = stream_many(server.grpc_url, "tensorrt_llm_bls", [batch_inputs(PROMPT, 4, True, **extra)])
     assert got.error is not None and message in got.error
+
+
+def test_bad_words_are_never_produced(server: TritonServer, tiny_model_dir: Path) -> None:
+    """Two words of the free output as bad words: neither comes back, and orchestrator and
+    colocated agree token for token."""
+    from engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    [free] = stream_many(server.grpc_url, "orchestrator", [client_inputs(PROMPT, 16)])
+    # words whose text tokenizes back to exactly their one token
+    banned = [t for t in free.output_ids if tok(tok.decode([t]), add_special_tokens=False).input_ids == [t]][
+        :2
+    ]
+    assert banned, "no re-tokenizable token in the output"
+    words = np.array([[tok.decode([t]).encode() for t in banned]], dtype=object)
+    [got] = stream_many(server.grpc_url, "ensemble", [batch_inputs(PROMPT, 16, True, bad_words=words)])
+    flat = np.array([w for w in words[0]], dtype=object)
+    [coloc] = stream_many(server.grpc_url, "colocated", [client_inputs(PROMPT, 16, bad_words=flat)])
+    assert got.error is None and got.output_ids == coloc.output_ids != free.output_ids
+    assert not set(banned) & set(got.output_ids)
 
 
 def test_unknown_http_keys_are_refused_by_name(server: TritonServer) -> None:

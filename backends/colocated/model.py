@@ -71,7 +71,7 @@ class TritonPythonModel:
                 req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
                 check_parameters(read_parameters(request))
                 seq = self.engine.new_sequence(
-                    req.prompt_ids_with(self.tokenizer), req.params, request.request_id()
+                    req.prompt_ids_with(self.tokenizer), req.params_with(self.tokenizer), request.request_id()
                 )
             except RequestError as e:
                 sink.error(str(e))

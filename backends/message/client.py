@@ -6,6 +6,7 @@ problem; the models turn it into an error response for that request only.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -53,6 +54,7 @@ class ClientRequest:
     stream: bool
     stop_words: tuple[str, ...]
     exclude_input: bool | None = None  # None: the model's default (OrchestratorParams.input_in_output)
+    bad_words: tuple[str, ...] = ()  # as text: tokenized by the model's tokenizer (params_with)
 
     @staticmethod
     def from_tensors(tensors: Mapping[str, np.ndarray]) -> ClientRequest:
@@ -82,7 +84,20 @@ class ClientRequest:
             stream=raw.stream,
             stop_words=stop_words,
             exclude_input=raw.exclude_input_in_output,
+            bad_words=tuple(w for w in raw.bad_words if w),
         )
+
+    def params_with(self, tokenizer: Any) -> SamplingParams:
+        """The sampling parameters with the bad words as token ids (each word tokenized alone,
+        without special tokens, as TensorRT-LLM's preprocessing does), after any given as ids."""
+        if not self.bad_words:
+            return self.params
+        words = [
+            tuple(int(t) for t in tokenizer(w, add_special_tokens=False).input_ids) for w in self.bad_words
+        ]
+        if not all(words):
+            raise RequestError("a bad word gives no tokens")
+        return dataclasses.replace(self.params, bad_words=self.params.bad_words + tuple(words))
 
     def prompt_ids_with(self, tokenizer: Any) -> list[int]:
         """The prompt as token ids: text through the model's tokenizer (as AutoTokenizer does,
@@ -118,8 +133,6 @@ def _check_tensorrt_llm_options(raw: ClientInputs) -> None:
         raise RequestError(
             f"num_return_sequences must be 1 (one sequence per request), got {raw.num_return_sequences}"
         )
-    if any(raw.bad_words):  # TensorRT-LLM's clients send "" for "no bad words"
-        raise RequestError("bad_words is not supported yet (an empty bad word, meaning none, is accepted)")
     if raw.pad_id is not None and raw.pad_id < 0:
         raise RequestError(f"pad_id must be a token id >= 0, got {raw.pad_id}")
 

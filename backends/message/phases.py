@@ -48,6 +48,8 @@ class Sampling(Message):
     min_tokens: int | None = None
     return_log_probs: bool = False
     ignore_eos: bool = False
+    bad_word_ids: tuple[int, ...] = ()
+    bad_word_lens: tuple[int, ...] = ()
 
     def sampling_params(self, seed: int | None = None) -> SamplingParams:
         """The engine's parameters. Absent temperature means greedy; end_id replaces the model's
@@ -56,6 +58,15 @@ class Sampling(Message):
         if self.end_id is not None and self.end_id < 0:
             raise RequestError(f"end_id must be a token id >= 0, got {self.end_id}")
         has_end = self.end_id is not None
+        if sum(self.bad_word_lens) != len(self.bad_word_ids) or any(n < 1 for n in self.bad_word_lens):
+            raise RequestError(
+                f"bad_word_lens must be positive and add up to the {len(self.bad_word_ids)} bad_word_ids, "
+                f"got {list(self.bad_word_lens)}"
+            )
+        starts = [sum(self.bad_word_lens[:i]) for i in range(len(self.bad_word_lens))]
+        bad_words = tuple(
+            self.bad_word_ids[s : s + n] for s, n in zip(starts, self.bad_word_lens, strict=True)
+        )
         return SamplingParams(
             max_tokens=self.max_tokens,
             temperature=0.0 if self.temperature is None else self.temperature,
@@ -69,10 +80,13 @@ class Sampling(Message):
             frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
             min_tokens=0 if self.min_tokens is None else self.min_tokens,
             logprobs=self.return_log_probs,
+            bad_words=bad_words,
         )
 
     @staticmethod
-    def fields_of(params: SamplingParams, seed: int) -> dict[str, int | float | bool | None]:
+    def fields_of(
+        params: SamplingParams, seed: int
+    ) -> dict[str, int | float | bool | tuple[int, ...] | None]:
         """The sampling fields that make `params` (with its seed fixed) again on the other side."""
         return {
             "max_tokens": params.max_tokens,
@@ -87,6 +101,8 @@ class Sampling(Message):
             "min_tokens": params.min_tokens,
             "return_log_probs": params.logprobs,
             "ignore_eos": params.ignore_eos,
+            "bad_word_ids": tuple(t for word in params.bad_words for t in word),
+            "bad_word_lens": tuple(len(word) for word in params.bad_words),
         }
 
 

@@ -33,6 +33,9 @@ SAMPLING_INPUTS = (
     TensorSpec("min_tokens", "TYPE_INT32", (1,), optional=True),
     TensorSpec("return_log_probs", "TYPE_BOOL", (1,), optional=True),
     TensorSpec("ignore_eos", "TYPE_BOOL", (1,), optional=True),  # vLLM's option: the model's EOS does not end
+    # Bad words as token ids: the words' ids one after the other, and each word's length.
+    TensorSpec("bad_word_ids", "TYPE_INT32", (-1,), optional=True),
+    TensorSpec("bad_word_lens", "TYPE_INT32", (-1,), optional=True),
 )
 
 CLIENT_INPUTS = (

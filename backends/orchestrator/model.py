@@ -126,6 +126,7 @@ class TritonPythonModel:
                     "this entry point is unary (written with --decoupled false): stream must be false"
                 )
             ids = req.prompt_ids_with(self.tokenizer)
+            params = req.params_with(self.tokenizer)
         except RequestError as e:
             sink.error(str(e))
             return
@@ -141,7 +142,7 @@ class TritonPythonModel:
             log_probs=req.params.logprobs,
             echo=echo,
         )
-        self.pool.submit(self.pipeline.run, ids, req.params, stream)
+        self.pool.submit(self.pipeline.run, ids, params, stream)
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
