@@ -112,7 +112,7 @@ class AsyncGrpcClient(AsyncClient):
                     raise server_error(error, model)
                 parsed = parse_grpc_result(result)
                 if parsed is not None:
-                    yield StreamPiece(parsed[0], parsed[1], now, parsed[2])
+                    yield StreamPiece(parsed[0], parsed[1], now, parsed[2], parsed[3])
         except InferenceServerException as exc:
             raise server_error(exc, model) from None
         except grpc.aio.AioRpcError as exc:  # e.g. connection refused

@@ -62,6 +62,7 @@ class SamplingParams:
     frequency_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool = False
+    logprobs: bool = False  # each token's log-probability (StreamPiece.log_probs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -97,6 +98,7 @@ class StreamPiece(NamedTuple):
     token_ids: tuple[int, ...]
     arrival: float
     finish_reason: str | None  # set on the last piece: "stop" or "length"
+    log_probs: tuple[float, ...] = ()  # one per token id, when the request asked (logprobs)
 
 
 class GenerateResult(NamedTuple):

@@ -109,8 +109,8 @@ class GrpcClient(Client):
                 parsed = parse_grpc_result(result)
                 final = result.get_response().parameters["triton_final_response"].bool_param
                 if parsed is not None:
-                    text, ids, reason = parsed
-                    yield StreamPiece(text, ids, now, reason)
+                    text, ids, reason, log_probs = parsed
+                    yield StreamPiece(text, ids, now, reason, log_probs)
                 if final:
                     return
         except InferenceServerException as exc:

@@ -113,8 +113,8 @@ class HttpClient(Client):
                 event = json.loads(line[5:])
                 if "error" in event:
                     raise ServerError(str(event["error"]), model)
-                text, ids, reason = parse_http_event(event)
-                yield StreamPiece(text, ids, time.perf_counter(), reason)
+                text, ids, reason, log_probs = parse_http_event(event)
+                yield StreamPiece(text, ids, time.perf_counter(), reason, log_probs)
         except TimeoutError:
             raise RequestTimeoutError(f"no complete answer from {model} within {timeout_s} s") from None
         finally:

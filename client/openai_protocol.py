@@ -1,8 +1,8 @@
 """OpenAI API request parsing and response shapes for /v1/completions and /v1/chat/completions.
 
-Only what the deployment can honour is accepted; an unsupported option (n > 1, logprobs, echo,
-best_of, tools, response_format, or any key this server does not know) is refused with an
-OpenAI-style invalid_request_error naming it, instead of being ignored. Ranges are OpenAI's
+Only what the deployment can honour is accepted; an unsupported option (n > 1, top alternatives in
+logprobs, echo, best_of, tools, response_format, or any key this server does not know) is refused
+with an OpenAI-style invalid_request_error naming it, instead of being ignored. Ranges are OpenAI's
 (temperature in [0, 2], penalties in [-2, 2], top_p in (0, 1]); repetition_penalty, min_tokens,
 top_k and ignore_eos are vLLM's extensions.
 """
@@ -48,13 +48,13 @@ class ParsedRequest:
     include_usage: bool
 
 
-_UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias")
+_UNSUPPORTED = ("echo", "best_of", "suffix", "tools", "functions", "logit_bias")
 # Every key a request may carry; anything else is refused by name. "user" is an end-user id for the
 # caller's own records (it does not change the output).
 _KNOWN = frozenset({
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
     "top_k", "n", "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "min_tokens", "ignore_eos", "user", *_UNSUPPORTED,
+    "repetition_penalty", "min_tokens", "ignore_eos", "user", "logprobs", "top_logprobs", *_UNSUPPORTED,
 })  # fmt: skip
 
 
@@ -73,6 +73,27 @@ def _ranged(body: dict[str, Any], name: str, low: float, high: float) -> float |
     if value is not None and not low <= value <= high:
         raise APIError(f"'{name}' must be between {low:g} and {high:g}, got {value:g}", param=name)
     return value
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> bool:
+    """Whether the request wants each token's log-probability: chat's `logprobs: true`,
+    completions' `logprobs: 0`. Alternatives (top_logprobs, completions' logprobs > 0) are refused."""
+    top = _number(body, "top_logprobs", int)
+    if top:
+        raise APIError(
+            "top_logprobs > 0 is not supported (each token's own log-probability is)", param="top_logprobs"
+        )
+    value = body.get("logprobs")
+    if chat:
+        if value is not None and not isinstance(value, bool):
+            raise APIError("'logprobs' must be a boolean", param="logprobs")
+        return bool(value)
+    n = _number(body, "logprobs", int)
+    if n:
+        raise APIError(
+            "logprobs > 0 (alternatives) is not supported; logprobs: 0 gives each token's", param="logprobs"
+        )
+    return n == 0
 
 
 def _param_of(message: str) -> str | None:
@@ -111,6 +132,7 @@ def _common(
     if max_tokens is None and max_tokens_key != "max_tokens":
         max_tokens = _number(body, "max_tokens", int)
     temperature = _ranged(body, "temperature", 0.0, 2.0)
+    logprobs = _logprobs(body, chat=max_tokens_key != "max_tokens")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise APIError("'ignore_eos' must be a boolean", param="ignore_eos")
@@ -128,6 +150,7 @@ def _common(
             repetition_penalty=_number(body, "repetition_penalty", float),
             min_tokens=_number(body, "min_tokens", int),
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
         )
     except InvalidRequestError as exc:
         raise APIError(str(exc), param=_param_of(str(exc))) from None
@@ -205,15 +228,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def logprobs_body(tokens: list[str], log_probs: list[float], chat: bool, offset: int = 0) -> dict[str, Any]:
+    """The `logprobs` of a choice: each token's text and log-probability, no alternatives. For
+    completions, text_offset counts from `offset` (the characters of the text before these tokens)."""
+    if chat:
+        return {
+            "content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+                for t, lp in zip(tokens, log_probs, strict=True)
+            ]
+        }
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": log_probs, "top_logprobs": None, "text_offset": offsets}
+
+
 def completion_body(
-    rid: str, model: str, text: str, reason: str | None, use: dict[str, int] | None, chat: bool
+    rid: str,
+    model: str,
+    text: str,
+    reason: str | None,
+    use: dict[str, int] | None,
+    chat: bool,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A whole response, or (chat=False/True with streaming callers) one chunk's envelope."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
-        choice["text"], choice["logprobs"] = text, None
+        choice["text"] = text
     body: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
@@ -227,7 +270,13 @@ def completion_body(
 
 
 def chunk_body(
-    rid: str, model: str, text: str | None, reason: str | None, chat: bool, role: bool = False
+    rid: str,
+    model: str,
+    text: str | None,
+    reason: str | None,
+    chat: bool,
+    role: bool = False,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk; with text None and no reason, a usage-only chunk has empty choices."""
     choices: list[dict[str, Any]] = []
@@ -236,9 +285,9 @@ def chunk_body(
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choices.append({"index": 0, "delta": delta, "finish_reason": reason})
+            choices.append({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason})
         else:
-            choices.append({"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason})
+            choices.append({"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason})
     return {
         "id": rid,
         "object": "chat.completion.chunk" if chat else "text_completion",

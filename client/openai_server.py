@@ -28,6 +28,7 @@ from client.openai_protocol import (
     ParsedRequest,
     chunk_body,
     completion_body,
+    logprobs_body,
     new_id,
     parse_chat,
     parse_completion,
@@ -103,6 +104,12 @@ class Frontend:
             )
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (its id as text without a tokenizer)."""
+        if self.tokenizer is None:
+            return [str(t) for t in ids]
+        return [str(self.tokenizer.decode([t])) for t in ids]
+
     def prompt_tokens(self, parsed: ParsedRequest) -> int:
         if not isinstance(parsed.prompt, str):
             return len(parsed.prompt)
@@ -144,17 +151,24 @@ class Frontend:
         pieces = self.triton.stream(
             parsed.prompt, parsed.params, model=parsed.model, timeout_s=self.config.request_timeout_s
         )
+        want_logprobs = parsed.params.logprobs
         if not parsed.stream:
-            text, n, reason = [], 0, None
+            text: list[str] = []
+            ids: list[int] = []
+            lps: list[float] = []
+            reason = None
             try:
                 async for p in pieces:
                     text.append(p.text)
-                    n += len(p.token_ids)
+                    ids += p.token_ids
+                    lps += p.log_probs
                     reason = p.finish_reason or reason
             except ClientError as exc:
                 raise _api_error(exc) from None
-            use = usage(self.prompt_tokens(parsed), n)
-            return web.json_response(completion_body(rid, parsed.model, "".join(text), reason, use, chat))
+            use = usage(self.prompt_tokens(parsed), len(ids))
+            logprobs = logprobs_body(self.token_texts(ids), lps, chat) if want_logprobs else None
+            body = completion_body(rid, parsed.model, "".join(text), reason, use, chat, logprobs)
+            return web.json_response(body)
         # Streaming: the first piece is awaited before the 200 goes out, so that a request the
         # server refuses (bad prompt, context overflow) still gets a proper HTTP error status.
         try:
@@ -168,12 +182,20 @@ class Frontend:
         model = parsed.model
         if chat:
             await _event(resp, chunk_body(rid, model, "", None, chat, role=True))
-        n = 0
+        n = chars = 0
         try:
             piece = first
             while piece is not None:
                 n += len(piece.token_ids)
-                await _event(resp, chunk_body(rid, model, piece.text, piece.finish_reason, chat))
+                logprobs = None
+                if want_logprobs:
+                    logprobs = logprobs_body(
+                        self.token_texts(piece.token_ids), list(piece.log_probs), chat, chars
+                    )
+                chars += len(piece.text)
+                await _event(
+                    resp, chunk_body(rid, model, piece.text, piece.finish_reason, chat, logprobs=logprobs)
+                )
                 try:
                     piece = await pieces.__anext__()
                 except StopAsyncIteration:

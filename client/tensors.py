@@ -43,6 +43,8 @@ def request_arrays(prompt: Prompt, params: SamplingParams, stream: bool) -> dict
         arrays["min_tokens"] = np.array([params.min_tokens], dtype=np.int32)
     if params.ignore_eos:
         arrays["ignore_eos"] = np.array([True], dtype=bool)
+    if params.logprobs:
+        arrays["return_log_probs"] = np.array([True], dtype=bool)
     return arrays
 
 
@@ -69,21 +71,24 @@ def http_body(prompt: Prompt, params: SamplingParams, stream: bool) -> dict[str,
     return body
 
 
-def parse_grpc_result(result: Any) -> tuple[str, tuple[int, ...], str | None] | None:
-    """(text, token ids, finish reason or None) of one gRPC response; None for an empty final one."""
+def parse_grpc_result(result: Any) -> tuple[str, tuple[int, ...], str | None, tuple[float, ...]] | None:
+    """(text, token ids, finish reason or None, log-probabilities) of one gRPC response; None for
+    an empty final one."""
     ids = result.as_numpy("output_ids")
     if ids is None:
         return None
     text_arr = result.as_numpy("text_output")
     reason_arr = result.as_numpy("finish_reason")
+    log_probs = result.as_numpy("output_log_probs")
     text = _decode(text_arr.reshape(-1)[0]) if text_arr is not None and text_arr.size else ""
     reason = _decode(reason_arr.reshape(-1)[0]) if reason_arr is not None and reason_arr.size else ""
-    return text, tuple(int(t) for t in ids.reshape(-1)), reason or None
+    lps = () if log_probs is None else tuple(float(x) for x in log_probs.reshape(-1))
+    return text, tuple(int(t) for t in ids.reshape(-1)), reason or None, lps
 
 
-def parse_http_event(event: dict[str, Any]) -> tuple[str, tuple[int, ...], str | None]:
-    """(text, token ids, finish reason or None) of one /generate(_stream) JSON response. Triton
-    writes a one-element tensor as a scalar, so lists and scalars are both accepted."""
+def parse_http_event(event: dict[str, Any]) -> tuple[str, tuple[int, ...], str | None, tuple[float, ...]]:
+    """(text, token ids, finish reason or None, log-probabilities) of one /generate(_stream) JSON
+    response. Triton writes a one-element tensor as a scalar, so lists and scalars are both accepted."""
     ids = event.get("output_ids", [])
     ids_list = ids if isinstance(ids, list) else [ids]
     text = event.get("text_output", "")
@@ -92,7 +97,14 @@ def parse_http_event(event: dict[str, Any]) -> tuple[str, tuple[int, ...], str |
         text = "".join(str(t) for t in text)
     if isinstance(reason, list):
         reason = reason[0] if reason else ""
-    return str(text), tuple(int(t) for t in ids_list), (str(reason) or None)
+    lps = event.get("output_log_probs", [])
+    lps_list = lps if isinstance(lps, list) else [lps]
+    return (
+        str(text),
+        tuple(int(t) for t in ids_list),
+        (str(reason) or None),
+        tuple(float(x) for x in lps_list),
+    )
 
 
 def _decode(value: Any) -> str:
@@ -103,5 +115,5 @@ def http_result(event: dict[str, Any], model: str, start: float) -> GenerateResu
     """The GenerateResult of a /generate reply (ServerError if it carries an error)."""
     if "error" in event:
         raise ServerError(str(event["error"]), model)
-    text, ids, reason = parse_http_event(event)
+    text, ids, reason, _ = parse_http_event(event)
     return GenerateResult(text, ids, reason or "", time.perf_counter() - start)

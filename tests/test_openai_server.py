@@ -120,6 +120,40 @@ def test_penalties_min_tokens_ignore_eos_and_seed(stack: tuple[str, str], oai: o
     assert got.choices[0].text == ref.text != plain.text
 
 
+def test_logprobs_for_chat_and_completions(stack: tuple[str, str], oai: openai.OpenAI) -> None:
+    """Each token's log-probability, streaming and not, equal to what the server sends our client
+    (output_log_probs); alternatives are refused by name."""
+    with make_client(stack[0]) as c:
+        pieces = list(c.stream(PROMPT, SamplingParams(max_tokens=8, logprobs=True), model="orchestrator"))
+    want = [lp for p in pieces for lp in p.log_probs]
+    assert len(want) == 8 and all(lp <= 0 for lp in want)
+    whole = oai.completions.create(model="orchestrator", prompt=PROMPT, max_tokens=8, logprobs=0)
+    got = whole.choices[0].logprobs
+    assert got is not None and got.token_logprobs == pytest.approx(want, abs=1e-4)
+    assert got.tokens is not None and "".join(got.tokens) == whole.choices[0].text
+    chunks = list(
+        oai.completions.create(model="orchestrator", prompt=PROMPT, max_tokens=8, logprobs=0, stream=True)
+    )
+    streamed = [lp for ch in chunks for lp in (ch.choices[0].logprobs.token_logprobs or [])]  # type: ignore[union-attr]
+    assert streamed == pytest.approx(want, abs=1e-4)
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = oai.chat.completions.create(model="colocated", messages=messages, max_tokens=6, logprobs=True)  # type: ignore[arg-type]
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert (
+        content is not None
+        and len(content) == 6
+        and all(t.logprob <= 0 and t.top_logprobs == [] for t in content)
+    )
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    plain = oai.chat.completions.create(model="colocated", messages=messages, max_tokens=6)  # type: ignore[arg-type]
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs") as err:
+        oai.chat.completions.create(model="colocated", messages=messages, logprobs=True, top_logprobs=2)  # type: ignore[arg-type]
+    assert err.value.param == "top_logprobs"
+    with pytest.raises(openai.BadRequestError, match="alternatives"):
+        oai.completions.create(model="orchestrator", prompt=PROMPT, max_tokens=4, logprobs=2)
+
+
 def test_models_by_id_and_health(stack: tuple[str, str], oai: openai.OpenAI) -> None:
     assert oai.models.retrieve("colocated").id == "colocated"
     with pytest.raises(openai.NotFoundError):
