@@ -1,0 +1,1 @@
+"""Only the old module path of the engine benchmark (see bench.py); the engine is `engine/`."""
