@@ -61,6 +61,11 @@ def client_inputs(
     if text is not None:
         arrays["text_input"] = np.array([text.encode()], dtype=object)
     arrays.update(extra)
+    return infer_inputs(arrays)
+
+
+def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """gRPC inputs of these arrays, with their shapes as they are (object arrays as BYTES)."""
     inputs = []
     for name, arr in arrays.items():
         dtype = "BYTES" if arr.dtype == object else grpcclient.np_to_triton_dtype(arr.dtype)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from serving import client_inputs, stream_many, write_repository
+from serving import client_inputs, infer_inputs, stream_many, write_repository
 from tritonserver_fixture import start_tritonserver
 
 from backends.launcher import TritonServer
@@ -47,13 +47,7 @@ def batch_inputs(
         "stream": np.array([[stream]]),
         **extra,
     }
-    inputs = []
-    for name, arr in arrays.items():
-        dtype = "BYTES" if arr.dtype == object else grpcclient.np_to_triton_dtype(arr.dtype)
-        inp = grpcclient.InferInput(name, list(arr.shape), dtype)
-        inp.set_data_from_numpy(arr)
-        inputs.append(inp)
-    return inputs
+    return infer_inputs(arrays)
 
 
 @pytest.mark.parametrize("model", ENTRY_POINTS)

@@ -77,18 +77,8 @@ class TritonPythonModel:
                 sink.error(str(e))
                 continue
             # Colocated's default is this project's: the prompt only when a request asks for it.
-            echo: tuple[str, tuple[int, ...]] = ("", ())
-            if req.exclude_input is False:
-                echo = (str(req.text or self.tokenizer.decode(seq.prompt_ids)), tuple(seq.prompt_ids))
-            stream = ClientStream(
-                self.outbox.sink(sink),
-                self.tokenizer,
-                req.stream,
-                req.stop_words,
-                self.latency,
-                arrived,
-                log_probs=req.params.logprobs,
-                echo=echo,
+            stream = ClientStream.of(
+                req, seq.prompt_ids, self.outbox.sink(sink), self.tokenizer, self.latency, arrived
             )
             self.worker.submit((seq, stream))
 

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 from backends.common.metrics import NULL, Histogram
 from backends.common.sink import ResponseSink
 from backends.common.text_stream import TextStream
-from backends.message import ClientChunk
+from backends.message import ClientChunk, ClientRequest
 
 
 class LatencyMetrics(NamedTuple):
@@ -49,6 +49,25 @@ class ClientStream:
         self.ids: list[int] = []
         self.first_at: float | None = None
         self.done = False
+
+    @classmethod
+    def of(
+        cls,
+        req: ClientRequest,
+        prompt_ids: Sequence[int],
+        sink: ResponseSink,
+        tokenizer: Any,
+        metrics: LatencyMetrics,
+        arrived: float,
+        include_input: bool = False,
+    ) -> ClientStream:
+        """The stream of a client request: its streaming flag, stop words and log-probabilities;
+        the prompt before a non-streaming output when the request sets exclude_input_in_output
+        false, or leaves it unset and `include_input` (the entry point's default) holds."""
+        echo: tuple[str, tuple[int, ...]] = ("", ())
+        if req.exclude_input is False or (req.exclude_input is None and include_input):
+            echo = (str(req.text or tokenizer.decode(list(prompt_ids))), tuple(prompt_ids))
+        return cls(sink, tokenizer, req.stream, req.stop_words, metrics, arrived, req.params.logprobs, echo)
 
     def push(
         self, token_ids: list[int], finish_reason: str | None = None, log_probs: Sequence[float] = ()

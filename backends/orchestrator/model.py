@@ -130,18 +130,7 @@ class TritonPythonModel:
         except RequestError as e:
             sink.error(str(e))
             return
-        include = req.exclude_input is False or (req.exclude_input is None and self.include_input)
-        echo = (str(req.text or self.tokenizer.decode(ids)), tuple(ids)) if include else ("", ())
-        stream = ClientStream(
-            sink,
-            self.tokenizer,
-            req.stream,
-            req.stop_words,
-            self.latency,
-            arrived,
-            log_probs=req.params.logprobs,
-            echo=echo,
-        )
+        stream = ClientStream.of(req, ids, sink, self.tokenizer, self.latency, arrived, self.include_input)
         self.pool.submit(self.pipeline.run, ids, params, stream)
 
     def finalize(self) -> None:
