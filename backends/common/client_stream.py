@@ -40,8 +40,10 @@ class ClientStream:
         # The prompt's text and ids, put before the output of a non-streaming response
         # (TensorRT-LLM's exclude_input_in_output false).
         self.echo = echo
-        # With log_probs every push brings one log-probability per token; responses carry them.
+        # With log_probs every push brings one log-probability per token; responses carry them,
+        # and their running sum.
         self.log_probs: list[float] | None = [] if log_probs else None
+        self.cum_log_prob = 0.0
         self.stream = stream
         self.text = TextStream(tokenizer, stop_words)
         self.metrics = metrics or LatencyMetrics()
@@ -95,13 +97,14 @@ class ClientStream:
         if self.log_probs is not None:
             new_log_probs = tuple(log_probs[: len(taken)])
             self.log_probs += new_log_probs
+            self.cum_log_prob += sum(new_log_probs)
         first = self.first_at is None
         if stopped:
             finish_reason = "stop"
         if finish_reason and not stopped:
             text += self.text.finish()
         final = finish_reason is not None
-        cum = None if self.log_probs is None else sum(self.log_probs)
+        cum = None if self.log_probs is None else self.cum_log_prob
         if self.stream:
             chunk = ClientChunk(
                 text_output=text,

@@ -25,6 +25,7 @@ from typing import Literal
 
 from backends.common import trace
 from backends.message import DecodeChunk, InbandError, PrefillResult, wire
+from kv_transfer.control import recv_exact
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +127,12 @@ class TokenInbox:
 
 
 def _read_frame(conn: socket.socket) -> tuple[int, bytes, bytes]:
-    head = _read_exact(conn, wire.HEADER.size)
+    """One frame; ConnectionError (an OSError) when the peer closes the connection."""
+    head = bytearray(wire.HEADER.size)
+    recv_exact(conn, memoryview(head))
     length, kind, sid = wire.HEADER.unpack(head)
     if not 17 <= length <= wire.MAX_FRAME:
         raise wire.WireError(f"frame length {length} out of range")
-    return kind, sid, _read_exact(conn, length - 17)
-
-
-def _read_exact(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = conn.recv_into(view[got:])
-        if k == 0:
-            raise OSError("connection closed")
-        got += k
-    return bytes(buf)
+    payload = bytearray(length - 17)
+    recv_exact(conn, memoryview(payload))
+    return kind, sid, bytes(payload)

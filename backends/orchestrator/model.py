@@ -68,7 +68,7 @@ class TritonPythonModel:
         )
         # Decode's tokens come back over a token channel, not through the server (docs/overhead.md).
         self.inbox = TokenInbox()
-        self.pipeline = Pipeline(self._call, routes, self.leases, timeouts, self.inbox)
+        self.pipeline = Pipeline(self._call, routes, self.leases, self.inbox, timeouts)
         # Each in-flight request holds a thread while it waits on BLS responses (the BLS response
         # iterator blocks), so the pool size is the number of concurrent requests served.
         self.pool = ThreadPoolExecutor(params.max_concurrent_requests, thread_name_prefix="orch")

@@ -4,8 +4,9 @@ Kept free of pb_utils: the model passes in `call`, which sends a message (backen
 model as a BLS request and returns an iterable of its responses' tensors. What the 2.51 python backend cannot do for us is done here:
 errors arrive in-band (finish_reason "error"), a stop word or a client cancel is sent down to
 decode as an explicit cancel request, and a callee that stops answering (its process died) is
-detected by a stall timeout instead of hanging the client. With a TokenInbox (inbox.py) decode's
-tokens come back over the token channel instead of the BLS call, outside the server.
+detected by a stall timeout instead of hanging the client. Prefill's result and decode's tokens
+come back over the token channel (inbox.py), outside the server; the BLS calls themselves are only
+answered "accepted" (or with an in-band error).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from backends.common import trace
 from backends.common.client_stream import ClientStream
@@ -37,6 +38,7 @@ from engine.sampling import SamplingParams
 from kv_transfer import LeaseReleaser
 
 Response = Tensors
+T = TypeVar("T")
 Call = Callable[[str, PrefillRequest | DecodeRequest | DecodeCancel], Iterable[Response]]
 
 
@@ -51,6 +53,20 @@ class Timeouts:
     prefill_s: float = OrchestratorParams.prefill_timeout_seconds
     decode_stall_s: float = OrchestratorParams.decode_stall_timeout_seconds
     cancel_s: float = 5.0
+
+
+def arrived(q: queue.SimpleQueue[T], timeout_s: float, what: str) -> list[T]:
+    """At least one item of the queue (PhaseError if none comes within timeout_s: the callee may be
+    down), then every item that has arrived since, in order."""
+    try:
+        got = [q.get(timeout=timeout_s)]
+    except queue.Empty:
+        raise PhaseError(f"{what} sent nothing for {timeout_s:g} s; the instance may be down") from None
+    while True:
+        try:
+            got.append(q.get_nowait())
+        except queue.Empty:
+            return got
 
 
 def watched(responses: Iterable[Response], timeout_s: float, what: str) -> Iterator[Response]:
@@ -78,17 +94,8 @@ def watched_batches(responses: Iterable[Response], timeout_s: float, what: str) 
 
     threading.Thread(target=pump, name=f"bls-{what}", daemon=True).start()
     while True:
-        try:
-            events = [inbox.get(timeout=timeout_s)]
-        except queue.Empty:
-            raise PhaseError(f"{what} sent nothing for {timeout_s:g} s; the instance may be down") from None
-        while events[-1][0] == "item":
-            try:
-                events.append(inbox.get_nowait())
-            except queue.Empty:
-                break
         batch: list[Response] = []
-        for kind, value in events:
+        for kind, value in arrived(inbox, timeout_s, what):
             error = InbandError.find(value) if kind == "item" else None
             if kind == "item" and error is None:
                 batch.append(value)
@@ -107,8 +114,8 @@ class Pipeline:
         call: Call,
         routes: RoutingTable,
         leases: LeaseReleaser,
+        inbox: TokenInbox,
         timeouts: Timeouts | None = None,
-        inbox: TokenInbox | None = None,
     ) -> None:
         self.call = call
         self.routes = routes
@@ -132,12 +139,11 @@ class Pipeline:
         prefill, decode = self.routes.pick()
         request_id = secrets.token_hex(16)
         trace.mark("o.start", request_id)
-        reply_to = self.inbox.reply_to if self.inbox is not None else ""
         with prefill.route(len(ids)) as model:
             request = PrefillRequest(
                 input_ids=tuple(ids),
                 request_id=request_id,
-                reply_to=reply_to,
+                reply_to=self.inbox.reply_to,
                 **sampling,  # type: ignore[arg-type]
             )
             first = self._prefill(model, request)
@@ -154,44 +160,29 @@ class Pipeline:
             first_token=first.first_token,
             kv_handle=first.kv_handle,
             request_id=request_id,
-            reply_to=reply_to,
+            reply_to=self.inbox.reply_to,
             **sampling,  # type: ignore[arg-type]
         )
         with decode.route(params.max_tokens - 1) as model:
-            if self.inbox is None:
-                responses = self.call(model, continuation)
-                batches = (
-                    list(map(DecodeChunk.from_tensors, b))
-                    for b in watched_batches(responses, self.timeouts.decode_stall_s, "decode")
-                )
-                self._forward(model, request_id, batches, stream)
-            else:
-                items = self.inbox.open(request_id, model)
-                try:
-                    for _ in watched(self.call(model, continuation), self.timeouts.decode_stall_s, "decode"):
-                        pass  # "accepted" (or an in-band error, raised)
-                    self._forward(model, request_id, self._channel(items), stream)
-                finally:
-                    self.inbox.close_stream(request_id)
+            items = self.inbox.open(request_id, model)
+            try:
+                for _ in watched(self.call(model, continuation), self.timeouts.decode_stall_s, "decode"):
+                    pass  # "accepted" (or an in-band error, raised)
+                self._forward(model, request_id, self._channel(items), stream)
+            finally:
+                self.inbox.close_stream(request_id)
         if not stream.done:
             stream.error("decode ended without a final token")
 
     def _prefill(self, model: str, request: PrefillRequest) -> PrefillResult:
-        """The prefill result: over the token channel (the call is only answered "accepted"), or
-        on the BLS call without one."""
+        """The prefill result, over the token channel (the call is only answered "accepted")."""
+        assert request.request_id is not None
         timeout_s = self.timeouts.prefill_s
-        if self.inbox is None or not request.reply_to or not request.request_id:
-            return self._first(watched(self.call(model, request), timeout_s, "prefill"))
         items = self.inbox.open(request.request_id, model)  # before the call: the result may be quick
         try:
             for _ in watched(self.call(model, request), timeout_s, "prefill"):
                 pass  # "accepted" (or an in-band error, raised)
-            try:
-                kind, value = items.get(timeout=timeout_s)
-            except queue.Empty:
-                raise PhaseError(
-                    f"prefill sent nothing for {timeout_s:g} s; the instance may be down"
-                ) from None
+            kind, value = arrived(items, timeout_s, "prefill")[0]  # the result, or why there is none
             if kind != "result":
                 raise PhaseError(str(value))
             assert isinstance(value, PrefillResult)
@@ -219,21 +210,9 @@ class Pipeline:
     def _channel(self, items: queue.SimpleQueue[Item]) -> Iterator[list[DecodeChunk]]:
         """The request's chunks from the token channel, all that have arrived at once; PhaseError
         on an error, a lost connection, or nothing for the stall timeout."""
-        timeout_s = self.timeouts.decode_stall_s
         while True:
-            try:
-                got = [items.get(timeout=timeout_s)]
-            except queue.Empty:
-                raise PhaseError(
-                    f"decode sent nothing for {timeout_s:g} s; the instance may be down"
-                ) from None
-            while True:
-                try:
-                    got.append(items.get_nowait())
-                except queue.Empty:
-                    break
             batch: list[DecodeChunk] = []
-            for kind, value in got:
+            for kind, value in arrived(items, self.timeouts.decode_stall_s, "decode"):
                 if kind == "chunk":
                     assert isinstance(value, DecodeChunk)
                     batch.append(value)
@@ -253,13 +232,3 @@ class Pipeline:
                 pass
         except PhaseError:
             pass  # best effort: the decode instance is gone or the sequence already ended
-
-    @staticmethod
-    def _first(responses: Iterable[Response]) -> PrefillResult:
-        result = None
-        for r in responses:
-            if "first_token" in r:
-                result = PrefillResult.from_tensors(r)
-        if result is None:
-            raise PhaseError("prefill returned no result")
-        return result
