@@ -9,6 +9,7 @@ top_k and ignore_eos are vLLM's extensions.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -68,6 +69,16 @@ def _number(body: dict[str, Any], name: str, kind: type, default: Any = None) ->
     return kind(value)
 
 
+def model_not_found(model: str, models: tuple[str, ...]) -> APIError:
+    """The 404 of a model this frontend does not serve."""
+    return APIError(
+        f"The model '{model}' does not exist; available: {', '.join(models)}",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
 def _ranged(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
     value = _number(body, name, float)
     if value is not None and not low <= value <= high:
@@ -111,14 +122,10 @@ def _common(
     if not isinstance(model, str) or not model:
         raise APIError("'model' is required", param="model")
     if model not in models:
-        raise APIError(
-            f"The model '{model}' does not exist; available: {', '.join(models)}",
-            status=404,
-            param="model",
-            code="model_not_found",
-        )
-    for name in sorted(set(body) - _KNOWN):
-        raise APIError(f"'{name}' is not supported by this server", param=name)
+        raise model_not_found(model, models)
+    unknown = sorted(set(body) - _KNOWN)
+    if unknown:
+        raise APIError(f"'{unknown[0]}' is not supported by this server", param=unknown[0])
     for name in _UNSUPPORTED:
         if body.get(name) not in (None, False, 0, []):
             raise APIError(f"'{name}' is not supported by this server", param=name)
@@ -238,7 +245,7 @@ def logprobs_body(tokens: list[str], log_probs: list[float], chat: bool, offset:
                 for t, lp in zip(tokens, log_probs, strict=True)
             ]
         }
-    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1]
     return {"tokens": tokens, "token_logprobs": log_probs, "top_logprobs": None, "text_offset": offsets}
 
 

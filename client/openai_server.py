@@ -29,6 +29,7 @@ from client.openai_protocol import (
     chunk_body,
     completion_body,
     logprobs_body,
+    model_not_found,
     new_id,
     parse_chat,
     parse_completion,
@@ -122,9 +123,7 @@ class Frontend:
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
         if name not in self.config.models:
-            raise APIError(
-                f"The model '{name}' does not exist", status=404, param="model", code="model_not_found"
-            )
+            raise model_not_found(name, self.config.models)
         return web.json_response(_model_card(name))
 
     async def health(self, _: web.Request) -> web.Response:

@@ -117,11 +117,11 @@ TRITON_PARAMETERS = frozenset(
 def check_parameters(parameters: Mapping[str, Any]) -> None:
     """A request's parameters: Triton's HTTP /generate turns every JSON key that is not an input
     into one, so a misspelled or unsupported option arrives here and is refused by name."""
-    for key in sorted(parameters):
-        if not key.startswith("triton_") and key not in TRITON_PARAMETERS:
-            raise RequestError(
-                f"unknown input or option {key!r} (the inputs are: {', '.join(CLIENT_INPUT_NAMES)})"
-            )
+    unknown = sorted(k for k in parameters if not k.startswith("triton_") and k not in TRITON_PARAMETERS)
+    if unknown:
+        raise RequestError(
+            f"unknown input or option {unknown[0]!r} (the inputs are: {', '.join(CLIENT_INPUT_NAMES)})"
+        )
 
 
 def _check_tensorrt_llm_options(raw: ClientInputs) -> None:
