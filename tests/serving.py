@@ -15,11 +15,16 @@ import tritonclient.grpc as grpcclient
 
 
 def write_repository(
-    out: Path, model_dir: Path, tensorrt_llm_entry_points: tuple[str, ...] = (), **engine_overrides: Any
+    out: Path,
+    model_dir: Path,
+    tensorrt_llm_entry_points: tuple[str, ...] = (),
+    decoupled: bool = True,
+    **engine_overrides: Any,
 ) -> Path:
     """The default deployment (prefill, decode, colocated, orchestrator on CPU) for model_dir,
     written by the project's generator, with engine parameters overridden for a test. The
-    TensorRT-LLM entry points (two more orchestrator processes) only where a test asks for them."""
+    TensorRT-LLM entry points (two more orchestrator processes) only where a test asks for them;
+    decoupled=False writes the entry points unary, as --decoupled false does."""
     from planner.deployment import default_deployment
     from planner.repository import write_repository as write
 
@@ -33,6 +38,7 @@ def write_repository(
     dep = dataclasses.replace(
         dep,
         tensorrt_llm_entry_points=tensorrt_llm_entry_points,
+        decoupled=decoupled,
         prefill=tuple(tuned(r) for r in dep.prefill),
         decode=tuple(tuned(r) for r in dep.decode),
         colocated=tuned(dep.colocated),

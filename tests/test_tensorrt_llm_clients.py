@@ -5,7 +5,6 @@ requests, rewritten here) and the README's curl request to /generate."""
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -151,20 +150,10 @@ def test_readme_curl_request(server: TritonServer) -> None:
 @pytest.fixture(scope="module")
 def unary_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """A repository written as with --decoupled false: unary entry points."""
-    import dataclasses
-
-    from planner.deployment import default_deployment
-    from planner.repository import write_repository as write
-
     work = tmp_path_factory.mktemp("trtllm-unary")
-    repo = write_repository(work / "repo", tiny_model_dir, tensorrt_llm_entry_points=ENTRY_POINTS)
-    dep = default_deployment(str(tiny_model_dir.resolve()))
-    # Only the entry points change with --decoupled false; rewrite them over the test repository.
-    for name in ("orchestrator", *ENTRY_POINTS):
-        shutil.rmtree(repo / name)
-    write(dataclasses.replace(dep, decoupled=False, colocated=None), work / "unary")
-    for name in ("orchestrator", *ENTRY_POINTS):
-        shutil.copytree(work / "unary" / name, repo / name)
+    repo = write_repository(
+        work / "repo", tiny_model_dir, tensorrt_llm_entry_points=ENTRY_POINTS, decoupled=False
+    )
     srv = start_tritonserver(repo, work)
     yield srv
     srv.stop()
