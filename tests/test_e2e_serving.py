@@ -80,10 +80,7 @@ def _prefill_batches(server: TritonServer) -> float:
 def test_sixteen_streams_match_colocated_and_transformers(server: TritonServer, tiny_model_dir: Path) -> None:
     cases = [(PROMPTS[i % len(PROMPTS)], 8 + 5 * i) for i in range(16)]
     requests = [client_inputs(p, n) for p, n in cases]
-    batches_before = _prefill_batches(server)
     disagg = stream_many(server.grpc_url, "orchestrator", requests)
-    # Requests that arrive together are prefilled together: the orchestrator's calls overlap.
-    assert _prefill_batches(server) - batches_before < len(cases)
     coloc = stream_many(server.grpc_url, "colocated", requests)
     for (prompt, n), d, c in zip(cases, disagg, coloc, strict=True):
         assert d.error is None and c.error is None
@@ -96,6 +93,22 @@ def test_sixteen_streams_match_colocated_and_transformers(server: TritonServer, 
         expected = _hf_greedy(tiny_model_dir, prompt, n)
         got = disagg[cases.index((prompt, n))]
         assert got.output_ids == expected
+
+
+def test_a_burst_of_long_prompts_is_prefilled_in_shared_batches(server: TritonServer) -> None:
+    """Requests that arrive together are prefilled together: the orchestrator's calls overlap.
+
+    The 2.51 stub starts one BLS call at a time (each waits for the callee's "accepted"), so a
+    burst reaches prefill one request per call hop. The prompts are long enough (~185 tokens, tens
+    of ms of prefill here) that requests arriving during a prefill wait and share the next batch;
+    with prompts of a few tokens, prefill can finish each before the next arrives."""
+    prompt = "Memory holds the data a program works on. Fast memory is small and expensive. " * 8
+    n = 8
+    batches_before = _prefill_batches(server)
+    results = stream_many(server.grpc_url, "orchestrator", [client_inputs(prompt, 2)] * n)
+    assert all(r.error is None and len(r.output_ids) == 2 for r in results)
+    assert len({tuple(r.output_ids) for r in results}) == 1  # batched prefill, the same tokens
+    assert _prefill_batches(server) - batches_before < n
 
 
 def test_penalties_min_tokens_and_log_probs_equal_colocated(
