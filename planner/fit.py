@@ -1,11 +1,17 @@
 """Least-squares fits of the profile coefficients, minimizing RELATIVE error (so short batches,
-which dominate decode, weigh as much as long ones)."""
+which dominate decode, weigh as much as long ones).
+
+Every coefficient is constrained to be >= 0 (non-negative least squares): a step cannot get faster
+with more tokens, more context or more sequences, and a fixed cost cannot be negative. Unconstrained,
+timing noise on a busy host can tilt a fit negative (a decode step of 16 sequences "faster" than one
+of a single sequence), and the planner would then trust an impossible extrapolation."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
+from scipy.optimize import nnls
 
 from planner import PlannerError
 from planner.profile import TpProfile
@@ -32,11 +38,11 @@ class DecodeSample(NamedTuple):
 
 
 def _rel_lstsq(features: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """argmin_c sum(((features @ c) - y) / y)^2: ordinary least squares on rows scaled by 1/y."""
+    """argmin_{c >= 0} sum(((features @ c) - y) / y)^2: least squares on rows scaled by 1/y."""
     if np.any(y <= 0):
         raise PlannerError("measured times must be positive")
-    coef, *_ = np.linalg.lstsq(features / y[:, None], np.ones_like(y), rcond=None)
-    return coef
+    coef, _ = nnls(features / y[:, None], np.ones_like(y))
+    return np.asarray(coef, dtype=float)
 
 
 def _err(features: np.ndarray, y: np.ndarray, coef: np.ndarray) -> np.ndarray:

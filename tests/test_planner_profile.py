@@ -184,3 +184,20 @@ def test_decode_fit_finds_the_regime_change() -> None:
     assert prof.decode_small == pytest.approx(small, rel=1e-6)
     assert prof.decode_large == pytest.approx(large, rel=1e-6)
     assert err.max < 1e-9
+
+
+def test_fits_never_go_negative_on_noisy_timings() -> None:
+    """Flat, noisy decode timings (a host where per-step noise swamps the per-token cost) used to
+    tilt an unconstrained fit negative; the fitted step time must still grow with work."""
+    rng = np.random.default_rng(3)
+    samples = [
+        DecodeSample(b * (ctx + 1), b, 9.0 - 0.02 * b + float(rng.normal(0, 0.3)))
+        for b in (1, 2, 4, 8, 16)
+        for ctx in (32, 128)
+        for _ in range(2)
+    ]
+    prof, _ = fit_decode(samples)
+    for coef in (prof.decode_small, prof.decode_large):
+        assert min(coef) >= 0
+    pre, _ = fit_prefill([PrefillSample(n, n * n, 3.0 - 1e-3 * n) for n in (16, 64, 128, 256)])
+    assert min(pre) >= 0
