@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from serving import client_inputs, infer_inputs, stream_many, write_repository
+from serving import client_inputs, infer_inputs, metric_values, metrics, stream_many, write_repository
 from tritonserver_fixture import start_tritonserver
 
 from backends.launcher import TritonServer
@@ -200,3 +200,40 @@ def test_unary_grpc_and_http_infer_and_generate(unary_server: TritonServer, serv
     with urllib.request.urlopen(req, timeout=60) as resp:
         outputs = {o["name"]: o["data"] for o in json.loads(resp.read())["outputs"]}
     assert outputs["output_ids"] == streamed.output_ids and outputs["text_output"] == [streamed.text]
+
+
+def _outcomes(server: TritonServer, model: str) -> tuple[float, float]:
+    """Triton's own request counters of a model: (successes, failures)."""
+    text = metrics(server.metrics_url)
+    return (
+        sum(metric_values(text, "nv_inference_request_success", model=model)),
+        sum(metric_values(text, "nv_inference_request_failure", model=model)),
+    )
+
+
+def _generate(server: TritonServer, model: str, body: dict[str, object]) -> tuple[int, str]:
+    req = urllib.request.Request(
+        f"{server.http_url}/v2/models/{model}/generate", data=json.dumps(body).encode(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.parametrize("deployment", ["decoupled", "unary"])
+def test_refused_requests_count_as_failures_in_tritons_metrics(
+    server: TritonServer, unary_server: TritonServer, deployment: str
+) -> None:
+    """A refused request is an error response to its client and a failure in
+    nv_inference_request_failure; a good request after it is served and counted a success."""
+    srv = server if deployment == "decoupled" else unary_server
+    models = ("ensemble", "orchestrator") + (("colocated",) if deployment == "decoupled" else ())
+    for model in models:
+        ok_before, failed_before = _outcomes(srv, model)
+        status, reply = _generate(srv, model, {"text_input": PROMPT, "max_tokens": 4, "beam_width": 2})
+        assert status == 400 and "beam_width must be 1" in reply, (model, reply)
+        status, reply = _generate(srv, model, {"text_input": PROMPT, "max_tokens": 4})
+        assert status == 200, (model, reply)
+        assert _outcomes(srv, model) == (ok_before + 1, failed_before + 1), model

@@ -19,6 +19,7 @@ from backends.common.triton_glue import (
     PB_LOCK,
     Metrics,
     TritonSink,
+    count_refusals,
     freeze_startup_heap,
     read_inputs,
     read_parameters,
@@ -60,9 +61,12 @@ class TritonPythonModel:
         arrived = time.perf_counter()  # before the lock: waiting for it is part of TTFT
         trace.mark("arrive")
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
-            self._accept(requests, arrived)
+            refused = self._accept(requests, arrived)
+        count_refusals(refused, len(requests))
 
-    def _accept(self, requests: list[Any], arrived: float) -> None:
+    def _accept(self, requests: list[Any], arrived: float) -> int:
+        """Starts each request, or answers it with its error; returns how many were refused."""
+        refused = 0
         for request in requests:
             sink = TritonSink(request)
             try:
@@ -75,12 +79,14 @@ class TritonPythonModel:
                 )
             except RequestError as e:
                 sink.error(str(e))
+                refused += 1
                 continue
             # Colocated's default is this project's: the prompt only when a request asks for it.
             stream = ClientStream.of(
                 req, seq.prompt_ids, self.outbox.sink(sink), self.tokenizer, self.latency, arrived
             )
             self.worker.submit((seq, stream))
+        return refused
 
     def finalize(self) -> None:
         self.worker.stop()

@@ -115,6 +115,39 @@ class TritonSink:
                 self._closed = True
 
 
+class RequestsRefused(Exception):
+    """Raised from a decoupled model's execute() once every request of the call was refused (and
+    answered with its own error response), so that Triton counts them as failures."""
+
+
+def count_refusals(refused: int, total: int) -> None:
+    """Makes Triton count a call's refused requests as failures (nv_inference_request_failure).
+
+    The 2.51 python backend reports a decoupled model's request statistics when execute() returns,
+    as a success unless execute() raised; what the response sender sends does not count. So once
+    every request of the call has been answered with its error (a final response, which closes
+    it: the backend then sends nothing more for it), raising marks them failed. The stub logs the
+    exception; the client sees only its own error response. A call with some requests accepted
+    cannot fail only the others (the backend reports one status per call): they count as
+    successes. The entry models have no dynamic batcher, so each call holds one request.
+    """
+    if total and refused == total:
+        raise RequestsRefused(f"{refused} request(s) refused; each was answered with its error")
+
+
+def fail_unary_call(errors: list[str | None], total: int) -> None:
+    """Makes Triton count a unary call whose requests all failed as failures.
+
+    A unary model's error responses returned from execute() count as successes in 2.51, and
+    answering through the response sender before raising crashes the server (it answers the
+    request a second time). So nothing is sent: execute() raises, and the backend answers each
+    request with "Failed to process the request(s) for model ..., message: RequestsRefused:" and
+    this error, then Python's "At:" lines.
+    """
+    if total and len(errors) == total:
+        raise RequestsRefused("; ".join(e or "failed" for e in dict.fromkeys(errors)))
+
+
 def read_parameters(request: Any) -> dict[str, Any]:
     """The request's parameters (a JSON object in 2.51's python backend)."""
     raw = request.parameters()

@@ -31,6 +31,8 @@ from backends.common.triton_glue import (
     PB_LOCK,
     Metrics,
     TritonSink,
+    count_refusals,
+    fail_unary_call,
     read_inputs,
     read_parameters,
     response_tensors,
@@ -96,18 +98,24 @@ class TritonPythonModel:
         if not self.decoupled:
             return self._answer(requests, arrived)
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
-            for request in requests:
+            accepted = [
                 self._accept(request, TritonSink(request, batch_dim=self.batch_dim), arrived)
+                for request in requests
+            ]
+        count_refusals(accepted.count(False), len(requests))
         return None
 
     def _answer(self, requests: list[Any], arrived: float) -> list[Any]:
-        """Unary: every request of the call runs at once; their responses once all have ended."""
+        """Unary: every request of the call runs at once; their responses once all have ended.
+        A call whose requests all failed raises instead (fail_unary_call), so that Triton counts
+        them as failures."""
         sinks = [UnarySink() for _ in requests]
         with PB_LOCK:
             for request, sink in zip(requests, sinks, strict=True):
                 self._accept(request, sink, arrived, unary=True)
         for sink in sinks:  # without the lock: the pipelines' calls need it
             sink.done.wait()  # Pipeline.run always ends its stream (a final response or an error)
+        fail_unary_call([s.error_message for s in sinks if s.message is None], len(requests))
         with PB_LOCK:
             return [
                 pb_utils.InferenceResponse(error=pb_utils.TritonError(s.error_message))
@@ -116,8 +124,8 @@ class TritonPythonModel:
                 for s in sinks
             ]
 
-    def _accept(self, request: Any, sink: ResponseSink, arrived: float, unary: bool = False) -> None:
-        """Parses the request and starts its pipeline, or answers it with its error."""
+    def _accept(self, request: Any, sink: ResponseSink, arrived: float, unary: bool = False) -> bool:
+        """Parses the request and starts its pipeline (True), or answers it with its error."""
         try:
             req = ClientRequest.from_tensors(read_inputs(request, CLIENT_INPUTS))
             check_parameters(read_parameters(request))
@@ -129,9 +137,10 @@ class TritonPythonModel:
             params = req.params_with(self.tokenizer)
         except RequestError as e:
             sink.error(str(e))
-            return
+            return False
         stream = ClientStream.of(req, ids, sink, self.tokenizer, self.latency, arrived, self.include_input)
         self.pool.submit(self.pipeline.run, ids, params, stream)
+        return True
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
