@@ -16,8 +16,12 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+# AIPerf (NVIDIA's LLM benchmark) in its own environment: its pins (rich 14.1, huggingface_hub < 2)
+# conflict with the dev tools' (import-linter needs rich >= 14.2). The tests run its CLI.
+AIPERF_VENV := .venv-aiperf
+AIPERF_SPEC ?= aiperf==0.13.0
 
-.PHONY: setup kernels model model-smollm2 tritonserver repository serve test demo lint bench clean
+.PHONY: setup kernels model model-smollm2 tritonserver aiperf repository serve test demo lint bench clean
 
 setup: $(VENV)/.stamp
 
@@ -52,11 +56,18 @@ tritonserver: $(TRITON_DIR)/.stamp
 $(TRITON_DIR)/.stamp: $(VENV)/.stamp scripts/install_tritonserver.sh
 	PY=$(PY) scripts/install_tritonserver.sh $(TRITON_DIR)
 
+aiperf: $(AIPERF_VENV)/.stamp
+
+$(AIPERF_VENV)/.stamp: Makefile
+	test -d $(AIPERF_VENV) || $(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/python -m pip install -q "$(AIPERF_SPEC)"
+	touch $@
+
 # The default deployment (prefill, decode, colocated, orchestrator on CPU) for MODEL_DIR.
 repository: setup model
 	$(PY) -m planner.repository --out $(SERVE_REPO) --model-dir $(MODEL_DIR)
 
-test: setup kernels model model-smollm2 tritonserver
+test: setup kernels model model-smollm2 tritonserver aiperf
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 serve: kernels model tritonserver $(if $(filter $(SMOLLM2_DIR),$(MODEL_DIR)),model-smollm2) $(if $(REPO),,repository)
@@ -83,4 +94,4 @@ bench: setup kernels model model-smollm2
 	$(PY) -m engine.bench --model $(SMOLLM2_DIR)
 
 clean:
-	rm -rf $(VENV) models .cache out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AIPERF_VENV) models .cache out .pytest_cache .mypy_cache .ruff_cache

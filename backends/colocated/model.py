@@ -12,7 +12,7 @@ from typing import Any
 from backends.colocated.worker import ColocatedMetrics, ColocatedWorker
 from backends.common import metrics as M
 from backends.common import trace
-from backends.common.client_stream import ClientStream, LatencyMetrics
+from backends.common.client_stream import ClientStream, RequestMetrics
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
 from backends.common.triton_glue import (
@@ -41,7 +41,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(engine_config.model_dir)
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
-        self.latency = LatencyMetrics(m.create(M.TTFT), m.create(M.TPOT), m.create(M.REQUEST_SECONDS))
+        self.latency = RequestMetrics.create(m.create)
         # As in decode: the engine loop hands responses over and never waits on a send.
         self.outbox = Outbox(name="colocated-outbox")
         self.worker = ColocatedWorker(

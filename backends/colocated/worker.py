@@ -78,6 +78,7 @@ class ColocatedWorker(WorkerLoop[tuple[Sequence, ClientStream]]):
     def _drop_cancelled(self) -> None:
         for seq, stream in list(self._streams.items()):
             if stream.is_cancelled():
+                stream.cancelled()
                 del self._streams[seq]
                 self.engine.abort(seq)
                 self.metrics.cancelled.increment(1)

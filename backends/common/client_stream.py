@@ -1,24 +1,33 @@
 """One client request's response stream (orchestrator and colocated): text pieces, final flag,
-finish reason, and the TTFT/TPOT it observed."""
+finish reason, and what it observed (TTFT, TPOT, latency, token counts)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from backends.common.metrics import NULL, Histogram
+from backends.common import metrics as M
+from backends.common.metrics import NULL, Counter, Histogram, MetricSpec
 from backends.common.sink import ResponseSink
 from backends.common.text_stream import TextStream
 from backends.message import ClientChunk, ClientRequest
 
 
-class LatencyMetrics(NamedTuple):
+class RequestMetrics(NamedTuple):
     """What a client-facing model (orchestrator, colocated) observes per request."""
 
     ttft: Histogram = NULL  # arrival -> first token sent
     tpot: Histogram = NULL  # mean time per output token after the first, per request
     e2e: Histogram = NULL
+    prompt_tokens: Counter = NULL  # the prompt, once its first token is out (it was prefilled)
+    generation_tokens: Counter = NULL  # the tokens sent, once the request ends (however it ends)
+
+    @classmethod
+    def create(cls, make: Callable[[MetricSpec], Any]) -> RequestMetrics:
+        """Every metric, each made from its catalog entry by `make` (triton_glue.Metrics.create)."""
+        specs = (M.TTFT, M.TPOT, M.REQUEST_SECONDS, M.PROMPT_TOKENS, M.GENERATION_TOKENS)
+        return cls(*(make(spec) for spec in specs))
 
 
 class ClientStream:
@@ -31,12 +40,14 @@ class ClientStream:
         tokenizer: Any,
         stream: bool,
         stop_words: tuple[str, ...] = (),
-        metrics: LatencyMetrics | None = None,
+        metrics: RequestMetrics | None = None,
         arrived: float | None = None,
         log_probs: bool = False,
         echo: tuple[str, tuple[int, ...]] = ("", ()),
+        prompt_len: int = 0,
     ) -> None:
         self.sink = sink
+        self.prompt_len = prompt_len
         # The prompt's text and ids, put before the output of a non-streaming response
         # (TensorRT-LLM's exclude_input_in_output false).
         self.echo = echo
@@ -46,7 +57,7 @@ class ClientStream:
         self.cum_log_prob = 0.0
         self.stream = stream
         self.text = TextStream(tokenizer, stop_words)
-        self.metrics = metrics or LatencyMetrics()
+        self.metrics = metrics or RequestMetrics()
         self.arrived = time.perf_counter() if arrived is None else arrived
         self.ids: list[int] = []
         self.first_at: float | None = None
@@ -59,7 +70,7 @@ class ClientStream:
         prompt_ids: Sequence[int],
         sink: ResponseSink,
         tokenizer: Any,
-        metrics: LatencyMetrics,
+        metrics: RequestMetrics,
         arrived: float,
         include_input: bool = False,
     ) -> ClientStream:
@@ -69,7 +80,10 @@ class ClientStream:
         echo: tuple[str, tuple[int, ...]] = ("", ())
         if req.exclude_input is False or (req.exclude_input is None and include_input):
             echo = (str(req.text or tokenizer.decode(list(prompt_ids))), tuple(prompt_ids))
-        return cls(sink, tokenizer, req.stream, req.stop_words, metrics, arrived, req.params.logprobs, echo)
+        return cls(
+            sink, tokenizer, req.stream, req.stop_words, metrics, arrived, req.params.logprobs, echo,
+            prompt_len=len(prompt_ids),
+        )  # fmt: skip
 
     def push(
         self, token_ids: list[int], finish_reason: str | None = None, log_probs: Sequence[float] = ()
@@ -129,20 +143,31 @@ class ClientStream:
         if first:
             self.first_at = now
             self.metrics.ttft.observe(now - self.arrived)
+            self.metrics.prompt_tokens.increment(self.prompt_len)
         if final:
             self._close(now)
         return final
 
     def error(self, message: str) -> None:
         if not self.done:
-            self.done = True
+            self._end()
             self.sink.error(message)
+
+    def cancelled(self) -> None:
+        """The client cancelled: nothing more is sent (its tokens so far are counted)."""
+        if not self.done:
+            self._end()
 
     def is_cancelled(self) -> bool:
         return self.sink.is_cancelled()
 
-    def _close(self, now: float) -> None:
+    def _end(self) -> None:
         self.done = True
+        if self.ids:
+            self.metrics.generation_tokens.increment(len(self.ids))
+
+    def _close(self, now: float) -> None:
+        self._end()
         assert self.first_at is not None
         if len(self.ids) > 1:
             self.metrics.tpot.observe((now - self.first_at) / (len(self.ids) - 1))

@@ -62,6 +62,12 @@ TPOT = MetricSpec(
 REQUEST_SECONDS = MetricSpec(
     "disagg_request_seconds", "histogram", "Request latency, arrival to final response", LATENCY_BUCKETS
 )
+PROMPT_TOKENS = MetricSpec(
+    "disagg_prompt_tokens_total", "counter", "Prompt tokens of the requests that got a first token"
+)
+GENERATION_TOKENS = MetricSpec(
+    "disagg_generation_tokens_total", "counter", "Tokens sent to clients (counted when a request ends)"
+)
 # Engine instances (prefill, decode, colocated).
 PREFILL_QUEUE_DEPTH = MetricSpec("disagg_prefill_queue_depth", "gauge", "Prompts waiting for prefill")
 DECODE_QUEUE_DEPTH = MetricSpec(

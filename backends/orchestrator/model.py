@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backends.common import metrics as M
 from backends.common import trace
-from backends.common.client_stream import ClientStream, LatencyMetrics
+from backends.common.client_stream import ClientStream, RequestMetrics
 from backends.common.params import OrchestratorParams, model_parameters, resolve_model_dir
 from backends.common.sink import ResponseSink
 from backends.common.triton_glue import (
@@ -77,7 +76,7 @@ class TritonPythonModel:
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = Metrics(args["model_name"], args["model_instance_name"])
         m = self.metric_registry
-        self.latency = LatencyMetrics(m.create(M.TTFT), m.create(M.TPOT), m.create(M.REQUEST_SECONDS))
+        self.latency = RequestMetrics.create(m.create)
 
     def _call(self, model: str, message: PrefillRequest | DecodeRequest | DecodeCancel) -> BLSResponses:
         names = [spec.name for spec in message.REPLY]

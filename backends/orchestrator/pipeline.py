@@ -152,6 +152,7 @@ class Pipeline:
         ended = stream.push([first.first_token], first.finish_reason or None, first_log_probs)
         trace.mark("o.pushed", request_id)
         if ended or stream.is_cancelled():
+            stream.cancelled()  # no-op when it ended
             if first.kv_handle:  # nobody will pull it
                 self.leases.release(first.kv_handle)
             return
@@ -196,6 +197,7 @@ class Pipeline:
         """Decode's chunks to the client until the end, a stop word or a cancel."""
         for batch in batches:
             if stream.is_cancelled():
+                stream.cancelled()
                 self._cancel(model, request_id)
                 return
             # Everything decode sent while this request's last send was under way goes in one.
