@@ -190,6 +190,8 @@ class LLMEngine:
         if self.executor is not None:
             self._dropped.append(seq.seq_id)
         if seq.block_table:
+            # A table only grows until it is freed, so its size now is the most it ever held.
+            seq.blocks_held = max(seq.blocks_held, len(seq.block_table))
             self.blocks.free(seq.block_table)
             seq.block_table = []
 

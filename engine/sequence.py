@@ -32,6 +32,7 @@ class Sequence:
     # instance from the second token on: prefill drew the first).
     output_logprobs: list[float] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    blocks_held: int = 0  # the most KV blocks it has held in this engine (kept once they are freed)
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     seed: int = -1

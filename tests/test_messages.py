@@ -27,12 +27,28 @@ EXAMPLES: list[Message] = [
         input_ids=(1, 2, 3), max_tokens=4, temperature=0.5, top_k=3, top_p=0.75, random_seed=2**63
     ),
     PrefillResult(first_token=7, kv_handle=b"\x00{json}\xff", finish_reason=""),
+    PrefillResult(first_token=7, first_scheduled_time_ns=2**62, first_token_time_ns=2**62 + 1, kv_blocks=2),
     DecodeRequest(input_ids=(1, 2), first_token=9, kv_handle=b"h", request_id="r1", max_tokens=8, end_id=2),
     DecodeCancel(request_id="r1"),
     DecodeChunk(output_ids=(4, 5), finish_reason="length"),
+    DecodeChunk(output_ids=(4,), finish_reason="length", last_token_time_ns=2**62 + 5, kv_blocks=3),
     DecodeChunk(),
     InbandError(error_message="KV transfer failed: ünïcode"),
     ClientChunk(text_output="Hé", output_ids=(1,), finish_reason="stop"),
+    ClientChunk(
+        text_output="",
+        output_ids=(),
+        finish_reason="length",
+        batch_index=0,
+        sequence_index=0,
+        kv_cache_alloc_new_blocks=2,
+        kv_cache_reused_blocks=0,
+        kv_cache_alloc_total_blocks=2,
+        arrival_time_ns=2**62,
+        first_scheduled_time_ns=2**62 + 1,
+        first_token_time_ns=2**62 + 2,
+        last_token_time_ns=2**62 + 3,
+    ),  # fmt: skip
     ClientInputs(text_input="hello", max_tokens=3, stream=True, stop_words=("a", "bc")),
 ]
 

@@ -5,6 +5,7 @@ requests, rewritten here) and the README's curl request to /generate."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -237,3 +238,25 @@ def test_refused_requests_count_as_failures_in_tritons_metrics(
         status, reply = _generate(srv, model, {"text_input": PROMPT, "max_tokens": 4})
         assert status == 200, (model, reply)
         assert _outcomes(srv, model) == (ok_before + 1, failed_before + 1), model
+
+
+def test_perf_metrics_and_indexes_in_the_final_response(server: TritonServer) -> None:
+    """return_perf_metrics: times in order and within the request's wall-clock span, and the KV
+    blocks the sequence held; batch_index and sequence_index are 0; without it, no times."""
+    blocks = {}
+    for model in ("ensemble", "orchestrator", "colocated"):
+        body = {"text_input": PROMPT, "max_tokens": 8, "ignore_eos": True, "return_perf_metrics": True}
+        start = time.time_ns()
+        status, reply = _generate(server, model, body)
+        end = time.time_ns()
+        assert status == 200, reply
+        out = {k: (v[0] if isinstance(v, list) else v) for k, v in json.loads(reply).items()}
+        times = [out[f"{k}_time_ns"] for k in ("arrival", "first_scheduled", "first_token", "last_token")]
+        assert start <= times[0] <= times[1] <= times[2] <= times[3] <= end, (model, times)
+        assert out["batch_index"] == out["sequence_index"] == out["kv_cache_reused_blocks"] == 0
+        assert out["kv_cache_alloc_new_blocks"] == out["kv_cache_alloc_total_blocks"] > 0
+        blocks[model] = out["kv_cache_alloc_total_blocks"]
+        status, reply = _generate(server, model, {"text_input": PROMPT, "max_tokens": 2})
+        assert status == 200 and "arrival_time_ns" not in reply and '"batch_index":0' in reply, reply
+    # Disaggregated, the blocks are the decode instance's: the same as the colocated engine's.
+    assert len(set(blocks.values())) == 1, blocks

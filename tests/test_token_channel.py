@@ -9,7 +9,6 @@ from __future__ import annotations
 import queue
 import secrets
 import socket
-import struct
 import time
 
 import pytest
@@ -27,6 +26,10 @@ def test_frames_round_trip() -> None:
         DecodeChunk(finish_reason="stop"),
         DecodeChunk(),
         DecodeChunk(output_ids=(3, 4), output_log_probs=(-0.5, -2.25), finish_reason="length"),
+        DecodeChunk(output_ids=(5,), finish_reason="length", last_token_time_ns=2**62 + 1, kv_blocks=9),
+        DecodeChunk(
+            output_ids=(6,), output_log_probs=(-1.0,), finish_reason="stop", last_token_time_ns=3, kv_blocks=1
+        ),
     ):
         data = wire.chunk(sid, message)
         length, kind, got_sid = wire.HEADER.unpack(data[: wire.HEADER.size])
@@ -39,6 +42,13 @@ def test_frames_round_trip() -> None:
         PrefillResult(first_token=42, kv_handle=b'{"shards": []}'),
         PrefillResult(first_token=2, finish_reason="stop"),
         PrefillResult(first_token=3, kv_handle=b"h", first_log_prob=-1.5),
+        PrefillResult(
+            first_token=4,
+            kv_handle=b"h",
+            first_scheduled_time_ns=2**62,
+            first_token_time_ns=2**62 + 7,
+            kv_blocks=3,
+        ),
     ):
         data = wire.encode(sid, result)
         assert wire.parse(wire.RESULT, data[wire.HEADER.size :]) == result
@@ -53,7 +63,8 @@ def test_frames_round_trip() -> None:
         (wire.CHUNK, b"\x00\x00\x01abcd", "4-byte values"),  # an id without its log-probability
         (wire.CHUNK, b"\x05\x00ab", "cut short"),
         (wire.RESULT, b"\x01\x00", "malformed"),
-        (wire.RESULT, struct.pack("<iBfH", 1, 0, 0.0, 9) + b"ab", "cut short"),
+        (wire.RESULT, wire.RESULT_HEAD.pack(1, 0, 0.0, 0, 0, 0, 9) + b"ab", "cut short"),
+        (wire.CHUNK, b"\x00\x00\x02abc", "malformed"),  # end stats announced, not there
     ],
 )
 def test_malformed_frames_are_refused(kind: int, payload: bytes, message: str) -> None:

@@ -41,8 +41,9 @@ class ColocatedWorker(WorkerLoop[tuple[Sequence, ClientStream]]):
             self.idle(0.2)
             return
         self._drop_cancelled()
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         result = self.engine.step()
+        drawn_ns = time.time_ns()
         if result.kind == "prefill":
             self.metrics.prefill_seconds.observe(time.perf_counter() - started)
         if result.kind == "idle":
@@ -54,7 +55,17 @@ class ColocatedWorker(WorkerLoop[tuple[Sequence, ClientStream]]):
         for out in result.outputs:
             seq = out.seq
             reason = seq.finish_reason if seq.finished else None
-            ended = self._streams[seq].push([out.token], reason, seq.last_log_probs)
+            stream = self._streams[seq]
+            if stream.perf is not None:
+                prefilled = result.kind == "prefill"
+                stream.perf.record(
+                    first_scheduled_ns=started_ns if prefilled else None,
+                    first_token_ns=drawn_ns if prefilled else None,
+                    last_token_ns=drawn_ns if seq.finished else None,
+                    # The engine freed a finished sequence's blocks: blocks_held is what it had.
+                    kv_blocks=seq.blocks_held if seq.finished else None,
+                )
+            ended = stream.push([out.token], reason, seq.last_log_probs)
             if ended:
                 del self._streams[seq]
                 if not seq.finished:  # a stop word ended it

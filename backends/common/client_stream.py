@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 from backends.common import metrics as M
 from backends.common.metrics import NULL, Counter, Histogram, MetricSpec
+from backends.common.perf_metrics import PerfMetrics
 from backends.common.sink import ResponseSink
 from backends.common.text_stream import TextStream
 from backends.message import ClientChunk, ClientRequest
@@ -45,6 +46,7 @@ class ClientStream:
         log_probs: bool = False,
         echo: tuple[str, tuple[int, ...]] = ("", ()),
         prompt_len: int = 0,
+        perf_metrics: bool = False,
     ) -> None:
         self.sink = sink
         self.prompt_len = prompt_len
@@ -59,6 +61,9 @@ class ClientStream:
         self.text = TextStream(tokenizer, stop_words)
         self.metrics = metrics or RequestMetrics()
         self.arrived = time.perf_counter() if arrived is None else arrived
+        # With perf_metrics (return_perf_metrics) the final response carries these; phases record
+        # what they measured into it.
+        self.perf = PerfMetrics.arrived_at(self.arrived) if perf_metrics else None
         self.ids: list[int] = []
         self.first_at: float | None = None
         self.done = False
@@ -82,7 +87,7 @@ class ClientStream:
             echo = (str(req.text or tokenizer.decode(list(prompt_ids))), tuple(prompt_ids))
         return cls(
             sink, tokenizer, req.stream, req.stop_words, metrics, arrived, req.params.logprobs, echo,
-            prompt_len=len(prompt_ids),
+            prompt_len=len(prompt_ids), perf_metrics=req.perf_metrics,
         )  # fmt: skip
 
     def push(
@@ -113,12 +118,15 @@ class ClientStream:
             self.log_probs += new_log_probs
             self.cum_log_prob += sum(new_log_probs)
         first = self.first_at is None
+        if first and self.perf is not None and self.perf.first_token_ns is None:
+            self.perf.first_token_ns = time.time_ns()
         if stopped:
             finish_reason = "stop"
         if finish_reason and not stopped:
             text += self.text.finish()
         final = finish_reason is not None
         cum = None if self.log_probs is None else self.cum_log_prob
+        ends = self._final_fields() if final else {}
         if self.stream:
             chunk = ClientChunk(
                 text_output=text,
@@ -126,6 +134,7 @@ class ClientStream:
                 finish_reason=finish_reason or "",
                 output_log_probs=new_log_probs,
                 cum_log_probs=cum,
+                **ends,
             )
             self.sink.send(chunk, final=final)
         elif final:
@@ -135,6 +144,7 @@ class ClientStream:
                 finish_reason=finish_reason or "",
                 output_log_probs=None if self.log_probs is None else tuple(self.log_probs),
                 cum_log_probs=cum,
+                **ends,
             )
             self.sink.send(whole, final=True)
         # Timed after the send returns: what the client sees, including waits for the sender (for
@@ -147,6 +157,14 @@ class ClientStream:
         if final:
             self._close(now)
         return final
+
+    def _final_fields(self) -> dict[str, int]:
+        """What only the final response carries: TensorRT-LLM's batch and sequence index (one
+        request per batch row, one sequence per request) and, when asked for, the perf metrics."""
+        fields = {"batch_index": 0, "sequence_index": 0}
+        if self.perf is not None:
+            fields.update(self.perf.outputs())
+        return fields
 
     def error(self, message: str) -> None:
         if not self.done:

@@ -218,6 +218,7 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
         assert oldest.step is not None
         seqs = oldest.step.seqs
         tokens = self.engine.complete(oldest.step)
+        drawn_ns = time.time_ns()
         trace.mark("step")
         self._batches.landed()
         for seq, token in zip(seqs, tokens, strict=True):
@@ -228,6 +229,8 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
                     output_ids=(token,),
                     finish_reason=seq.finish_reason or "",
                     output_log_probs=seq.last_log_probs,
+                    last_token_time_ns=drawn_ns,
+                    kv_blocks=seq.blocks_held,  # _retire freed its blocks
                 )
                 self._end(job, chunk)
             else:

@@ -42,6 +42,7 @@ class ClientInputs(Sampling):
     beam_width: int | None = None
     num_return_sequences: int | None = None
     pad_id: int | None = None
+    return_perf_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class ClientRequest:
     stop_words: tuple[str, ...]
     exclude_input: bool | None = None  # None: the model's default (OrchestratorParams.input_in_output)
     bad_words: tuple[str, ...] = ()  # as text: tokenized by the model's tokenizer (params_with)
+    perf_metrics: bool = False  # TensorRT-LLM's return_perf_metrics: timings and KV blocks at the end
 
     @staticmethod
     def from_tensors(tensors: Mapping[str, np.ndarray]) -> ClientRequest:
@@ -85,6 +87,7 @@ class ClientRequest:
             stop_words=stop_words,
             exclude_input=raw.exclude_input_in_output,
             bad_words=tuple(w for w in raw.bad_words if w),
+            perf_metrics=raw.return_perf_metrics,
         )
 
     def params_with(self, tokenizer: Any) -> SamplingParams:
@@ -149,16 +152,25 @@ class ClientChunk(StreamChunk):
     finish_reason: str = ""
     output_log_probs: tuple[float, ...] | None = None  # this response's tokens', with return_log_probs
     cum_log_probs: float | None = None  # their sum over the whole request so far
+    # The final response's (specs.CLIENT_OUTPUTS says what each is); None: not sent.
+    batch_index: int | None = None
+    sequence_index: int | None = None
+    kv_cache_alloc_new_blocks: int | None = None
+    kv_cache_reused_blocks: int | None = None
+    kv_cache_alloc_total_blocks: int | None = None
+    arrival_time_ns: int | None = None
+    first_scheduled_time_ns: int | None = None
+    first_token_time_ns: int | None = None
+    last_token_time_ns: int | None = None
 
     def merge(self, later: ClientChunk) -> ClientChunk:
-        """This response and the next of the same stream as one."""
+        """This response and the next of the same stream as one (the final fields are the later's)."""
         logprobs = None
         if self.output_log_probs is not None and later.output_log_probs is not None:
             logprobs = self.output_log_probs + later.output_log_probs
-        return ClientChunk(
+        return dataclasses.replace(
+            later,
             text_output=self.text_output + later.text_output,
             output_ids=self.output_ids + later.output_ids,
-            finish_reason=later.finish_reason,
             output_log_probs=logprobs,
-            cum_log_probs=later.cum_log_probs,
         )

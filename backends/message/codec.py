@@ -26,6 +26,7 @@ C = TypeVar("C", bound="StreamChunk")
 
 _NUMPY_TYPES: dict[str, type] = {
     "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
     "TYPE_UINT64": np.uint64,
     "TYPE_FP32": np.float32,
     "TYPE_BOOL": np.bool_,
@@ -131,7 +132,7 @@ def _scalar(name: str, kind: str, arr: np.ndarray, raw_bytes: bool) -> Any:
         return bytes(value) if raw_bytes else _text(value, name)
     if kind == "TYPE_BOOL":
         return bool(value)
-    if kind in ("TYPE_INT32", "TYPE_UINT64"):
+    if kind in ("TYPE_INT32", "TYPE_INT64", "TYPE_UINT64"):
         if not np.issubdtype(arr.dtype, np.integer):
             raise RequestError(f"input '{name}' must be an integer, got {arr.dtype}")
         return int(value)

@@ -126,13 +126,23 @@ class PrefillResult(Message):
     first token already ended the request, which then has its finish_reason)."""
 
     SPECS: ClassVar[tuple[TensorSpec, ...]] = specs_named(
-        PREFILL_OUTPUTS, "first_token", "kv_handle", "finish_reason", "first_log_prob"
+        PREFILL_OUTPUTS,
+        "first_token",
+        "kv_handle",
+        "finish_reason",
+        "first_log_prob",
+        "first_scheduled_time_ns",
+        "first_token_time_ns",
+        "kv_blocks",
     )
 
     first_token: int
     kv_handle: bytes = b""
     finish_reason: str = ""
     first_log_prob: float | None = None  # with return_log_probs
+    first_scheduled_time_ns: int = 0  # the prefill step's start, ns since the Unix epoch
+    first_token_time_ns: int = 0  # when the first token was drawn
+    kv_blocks: int = 0  # the KV blocks the sequence held on the prefill instance
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,12 +191,16 @@ class DecodeChunk(StreamChunk):
     finish_reason. A chunk with neither is a heartbeat (the instance is alive, the request waits)."""
 
     SPECS: ClassVar[tuple[TensorSpec, ...]] = specs_named(
-        DECODE_OUTPUTS, "output_ids", "finish_reason", "output_log_probs"
+        DECODE_OUTPUTS, "output_ids", "finish_reason", "output_log_probs", "last_token_time_ns", "kv_blocks"
     )
 
     output_ids: tuple[int, ...] = ()
     finish_reason: str = ""
     output_log_probs: tuple[float, ...] = ()  # one per output id, with return_log_probs; else none
+    # The last chunk's (when it has a finish_reason other than an abort): when its token was drawn
+    # (ns since the Unix epoch) and the KV blocks the sequence held on the decode instance.
+    last_token_time_ns: int | None = None
+    kv_blocks: int | None = None
 
     @property
     def is_heartbeat(self) -> bool:
@@ -198,6 +212,8 @@ class DecodeChunk(StreamChunk):
             output_ids=self.output_ids + later.output_ids,
             finish_reason=later.finish_reason,
             output_log_probs=self.output_log_probs + later.output_log_probs,
+            last_token_time_ns=later.last_token_time_ns,
+            kv_blocks=later.kv_blocks,
         )
 
 

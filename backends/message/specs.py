@@ -51,6 +51,7 @@ CLIENT_INPUTS = (
     TensorSpec("beam_width", "TYPE_INT32", (1,), optional=True),
     TensorSpec("num_return_sequences", "TYPE_INT32", (1,), optional=True),
     TensorSpec("pad_id", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("return_perf_metrics", "TYPE_BOOL", (1,), optional=True),
 )
 # output_log_probs (the log-probability of each token of this response) and cum_log_probs (their
 # sum over the request so far) are sent only when the request set return_log_probs.
@@ -60,6 +61,21 @@ CLIENT_OUTPUTS = (
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
     TensorSpec("output_log_probs", "TYPE_FP32", (-1,)),
     TensorSpec("cum_log_probs", "TYPE_FP32", (1,)),
+    # TensorRT-LLM's: the request's place in its batch and its sequence (always 0 here: one
+    # request per batch row, one sequence per request), in the final response.
+    TensorSpec("batch_index", "TYPE_INT32", (1,)),
+    TensorSpec("sequence_index", "TYPE_INT32", (1,)),
+    # With return_perf_metrics, in the final response (TensorRT-LLM's names): the KV blocks the
+    # sequence held where it ended (the decode instance's, disaggregated), and wall-clock times in
+    # ns since the Unix epoch: arrival at the entry model, the start of its prefill step, the
+    # first token drawn, the last token drawn.
+    TensorSpec("kv_cache_alloc_new_blocks", "TYPE_INT32", (1,)),
+    TensorSpec("kv_cache_reused_blocks", "TYPE_INT32", (1,)),
+    TensorSpec("kv_cache_alloc_total_blocks", "TYPE_INT32", (1,)),
+    TensorSpec("arrival_time_ns", "TYPE_INT64", (1,)),
+    TensorSpec("first_scheduled_time_ns", "TYPE_INT64", (1,)),
+    TensorSpec("first_token_time_ns", "TYPE_INT64", (1,)),
+    TensorSpec("last_token_time_ns", "TYPE_INT64", (1,)),
 )
 
 PREFILL_INPUTS = (
@@ -82,6 +98,11 @@ PREFILL_OUTPUTS = (
     TensorSpec("kv_handle", "TYPE_STRING", (1,)),
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
     TensorSpec("first_log_prob", "TYPE_FP32", (1,)),  # only with return_log_probs
+    # When the prefill step began and its first token was drawn (ns since the Unix epoch), and the
+    # KV blocks the sequence held on the prefill instance.
+    TensorSpec("first_scheduled_time_ns", "TYPE_INT64", (1,)),
+    TensorSpec("first_token_time_ns", "TYPE_INT64", (1,)),
+    TensorSpec("kv_blocks", "TYPE_INT32", (1,)),
     ERROR_OUTPUT,
 )
 
@@ -102,6 +123,10 @@ DECODE_OUTPUTS = (
     TensorSpec("output_ids", "TYPE_INT32", (-1,)),
     TensorSpec("finish_reason", "TYPE_STRING", (1,)),
     TensorSpec("output_log_probs", "TYPE_FP32", (-1,)),  # only with return_log_probs
+    # On the last chunk: when its token was drawn (ns since the Unix epoch), and the KV blocks the
+    # sequence held on the decode instance.
+    TensorSpec("last_token_time_ns", "TYPE_INT64", (1,)),
+    TensorSpec("kv_blocks", "TYPE_INT32", (1,)),
     ERROR_OUTPUT,
 )
 

@@ -7,12 +7,14 @@ machinery (docs/overhead.md).
 
 Frame: u32 length of the rest | u8 kind | 16-byte stream id (the request_id's hex) | payload.
 - HELLO: payload = the sender's model name (UTF-8); stream id zero. First frame of a connection.
-- CHUNK: a DecodeChunk: u16 length + finish_reason (UTF-8), u8 1 if log-probabilities follow
-  the ids (else 0), the token ids as little-endian int32, then (if so) one little-endian float32
-  log-probability per id. A chunk with no ids and no finish_reason is a heartbeat.
+- CHUNK: a DecodeChunk: u16 length + finish_reason (UTF-8), u8 flags (bit 0: log-probabilities
+  follow the ids; bit 1: the end stats follow the flags: i64 last_token_time_ns, i32 kv_blocks),
+  the token ids as little-endian int32, then (if so) one little-endian float32 log-probability
+  per id. A chunk with no ids and no finish_reason is a heartbeat.
 - ERROR: an InbandError: payload = the message (UTF-8).
 - RESULT: a PrefillResult: i32 first token, u8 1 if the f32 that follows is its
-  log-probability (else 0), u16 length + finish_reason (UTF-8), then the KV handle's bytes.
+  log-probability (else 0), i64 first_scheduled_time_ns, i64 first_token_time_ns, i32 kv_blocks,
+  u16 length + finish_reason (UTF-8), then the KV handle's bytes.
 Only these four kinds exist; anything else, or a frame over MAX_FRAME, is a protocol error.
 """
 
@@ -26,6 +28,9 @@ from backends.message.phases import DecodeChunk, InbandError, PrefillResult
 
 HELLO, CHUNK, ERROR, RESULT = 1, 2, 3, 4
 HEADER = struct.Struct("<IB16s")  # length after the u32, kind, stream id
+RESULT_HEAD = struct.Struct("<iBfqqiH")
+END_STATS = struct.Struct("<qi")
+LOG_PROBS, HAS_END_STATS = 1, 2  # a chunk's flags
 MAX_FRAME = 1 << 24
 NO_STREAM = bytes(16)
 # The reply_to of a channel on Linux's abstract socket namespace: nothing on the file system.
@@ -62,10 +67,12 @@ def chunk(sid: bytes, c: DecodeChunk) -> bytes:
     if has_log_probs and len(c.output_log_probs) != len(c.output_ids):
         raise ValueError(f"{len(c.output_ids)} ids with {len(c.output_log_probs)} log-probabilities")
     log_probs = np.asarray(c.output_log_probs, dtype="<f4").tobytes()
+    end = b""
+    if c.last_token_time_ns is not None and c.kv_blocks is not None:
+        end = END_STATS.pack(c.last_token_time_ns, c.kv_blocks)
+    flags = (LOG_PROBS if has_log_probs else 0) | (HAS_END_STATS if end else 0)
     return frame(
-        CHUNK,
-        sid,
-        struct.pack("<H", len(reason)) + reason + struct.pack("<B", has_log_probs) + ids + log_probs,
+        CHUNK, sid, struct.pack("<H", len(reason)) + reason + struct.pack("<B", flags) + end + ids + log_probs
     )
 
 
@@ -76,7 +83,15 @@ def error(sid: bytes, e: InbandError) -> bytes:
 def result(sid: bytes, r: PrefillResult) -> bytes:
     reason = r.finish_reason.encode()
     log_prob = 0.0 if r.first_log_prob is None else r.first_log_prob
-    head = struct.pack("<iBfH", r.first_token, r.first_log_prob is not None, log_prob, len(reason))
+    head = RESULT_HEAD.pack(
+        r.first_token,
+        r.first_log_prob is not None,
+        log_prob,
+        r.first_scheduled_time_ns,
+        r.first_token_time_ns,
+        r.kv_blocks,
+        len(reason),
+    )
     return frame(RESULT, sid, head + reason + r.kv_handle)
 
 
@@ -101,18 +116,28 @@ def parse(kind: int, payload: bytes) -> DecodeChunk | PrefillResult | InbandErro
             if len(payload) < 3 + n:
                 raise WireError("a chunk's finish_reason is cut short")
             reason = payload[2 : 2 + n].decode()
-            has_log_probs = payload[2 + n]
+            flags = payload[2 + n]
             rest = payload[3 + n :]
-            width = 8 if has_log_probs else 4
+            last_token_time_ns = kv_blocks = None
+            if flags & HAS_END_STATS:
+                last_token_time_ns, kv_blocks = END_STATS.unpack_from(rest)
+                rest = rest[END_STATS.size :]
+            width = 8 if flags & LOG_PROBS else 4
             if len(rest) % width:
                 raise WireError("a chunk's token ids (and log-probabilities) are not whole 4-byte values")
             count = len(rest) // width
             ids = tuple(int(t) for t in np.frombuffer(rest[: 4 * count], dtype="<i4"))
             log_probs = tuple(float(x) for x in np.frombuffer(rest[4 * count :], dtype="<f4"))
-            return DecodeChunk(output_ids=ids, finish_reason=reason, output_log_probs=log_probs)
+            return DecodeChunk(
+                output_ids=ids,
+                finish_reason=reason,
+                output_log_probs=log_probs,
+                last_token_time_ns=last_token_time_ns,
+                kv_blocks=kv_blocks,
+            )
         if kind == RESULT:
-            first, has_log_prob, log_prob, n = struct.unpack_from("<iBfH", payload)
-            start = struct.calcsize("<iBfH")
+            first, has_log_prob, log_prob, scheduled, first_at, blocks, n = RESULT_HEAD.unpack_from(payload)
+            start = RESULT_HEAD.size
             if len(payload) < start + n:
                 raise WireError("a result's finish_reason is cut short")
             reason = payload[start : start + n].decode()
@@ -121,6 +146,9 @@ def parse(kind: int, payload: bytes) -> DecodeChunk | PrefillResult | InbandErro
                 finish_reason=reason,
                 kv_handle=payload[start + n :],
                 first_log_prob=log_prob if has_log_prob else None,
+                first_scheduled_time_ns=scheduled,
+                first_token_time_ns=first_at,
+                kv_blocks=blocks,
             )
     except (struct.error, UnicodeDecodeError) as exc:
         raise WireError(f"malformed frame of kind {kind}: {exc}") from exc

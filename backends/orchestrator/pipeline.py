@@ -149,6 +149,13 @@ class Pipeline:
             first = self._prefill(model, request)
         trace.mark("o.result", request_id)
         first_log_probs = () if first.first_log_prob is None else (first.first_log_prob,)
+        if stream.perf is not None:
+            stream.perf.record(
+                first.first_scheduled_time_ns,
+                first.first_token_time_ns,
+                last_token_ns=first.first_token_time_ns if first.finish_reason else None,
+                kv_blocks=first.kv_blocks,
+            )
         ended = stream.push([first.first_token], first.finish_reason or None, first_log_probs)
         trace.mark("o.pushed", request_id)
         if ended or stream.is_cancelled():
@@ -204,6 +211,8 @@ class Pipeline:
             chunk = functools.reduce(DecodeChunk.merge, batch)
             if chunk.is_heartbeat:
                 continue
+            if stream.perf is not None and chunk.finish_reason:
+                stream.perf.record(last_token_ns=chunk.last_token_time_ns, kv_blocks=chunk.kv_blocks)
             if stream.push(list(chunk.output_ids), chunk.finish_reason or None, chunk.output_log_probs):
                 if not chunk.finish_reason:  # a stop word: decode must stop too
                     self._cancel(model, request_id)

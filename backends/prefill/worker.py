@@ -59,7 +59,9 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
         self._waiting: deque[PrefillJob] = deque()
         # Batches launched and not yet completed, oldest first: with pp stages up to pp are in the
         # pipeline at once (a new batch enters stage 0 as soon as stage 0 is free).
-        self._in_flight: deque[tuple[Step, list[PrefillJob], float]] = deque()  # with its launch time
+        self._in_flight: deque[tuple[Step, list[PrefillJob], float, int]] = (
+            deque()
+        )  # launched at (perf_counter, ns)
         self._update_gauges()
         self.start()
 
@@ -91,7 +93,7 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
 
     def _fail_waiting(self, message: str) -> None:
         """Ends every job not yet prefilled, batches in flight included."""
-        for _, batch, _ in self._in_flight:
+        for _, batch, _, _ in self._in_flight:
             self._fail_batch(batch, message)
         self._in_flight.clear()
         for job in self._waiting:
@@ -123,6 +125,7 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
 
     def _launch(self, batch: list[PrefillJob]) -> None:
         now = time.perf_counter()
+        started_ns = time.time_ns()
         for j in batch:
             trace.mark("p.launch", j.trace_id)
         seqs = [j.seq for j in batch]
@@ -132,11 +135,12 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
             log.exception("prefill failed")
             self._fail_batch(batch, f"prefill failed: {exc}")
             return
-        self._in_flight.append((step, batch, now))
+        self._in_flight.append((step, batch, now, started_ns))
 
-    def _complete(self, step: Step, batch: list[PrefillJob], launched: float) -> None:
+    def _complete(self, step: Step, batch: list[PrefillJob], launched: float, started_ns: int) -> None:
         try:
             self.engine.complete(step)
+            drawn_ns = time.time_ns()
             trace.mark("step")
             for j in batch:
                 trace.mark("p.step", j.trace_id)
@@ -163,6 +167,9 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
                 kv_handle=handle,
                 finish_reason=seq.finish_reason or "",
                 first_log_prob=seq.output_logprobs[0] if seq.params.logprobs else None,
+                first_scheduled_time_ns=started_ns,
+                first_token_time_ns=drawn_ns,
+                kv_blocks=seq.blocks_held,
             )
             job.sink.send(result, final=True)
         # Metrics are IPC to the server: recorded once the first tokens are on their way.
