@@ -48,7 +48,7 @@ EXAMPLES: list[Message] = [
         first_scheduled_time_ns=2**62 + 1,
         first_token_time_ns=2**62 + 2,
         last_token_time_ns=2**62 + 3,
-    ),  # fmt: skip
+    ),
     ClientInputs(text_input="hello", max_tokens=3, stream=True, stop_words=("a", "bc")),
 ]
 
