@@ -57,6 +57,15 @@ class AsyncGrpcClient(AsyncClient):
         except (InferenceServerException, grpc.RpcError, OSError):
             return False
 
+    async def model_parameters(self, model: str) -> dict[str, str]:
+        """The string parameters of a served model's config.pbtxt (Triton's model config API)."""
+        try:
+            reply = await self._conn.get_model_config(model, as_json=True)
+        except InferenceServerException as exc:
+            raise server_error(exc, model) from None
+        params = reply.get("config", {}).get("parameters", {})
+        return {k: str(v.get("string_value", "")) for k, v in params.items()}
+
     async def generate(
         self,
         prompt: Prompt,

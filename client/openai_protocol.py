@@ -17,7 +17,7 @@ from typing import Any
 
 from client.api import InvalidRequestError, Prompt, SamplingParams
 
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions (a chat's is the rest of the context)
 
 
 class APIError(Exception):
@@ -47,6 +47,9 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    # False for a chat that set neither max_completion_tokens nor max_tokens: its params hold
+    # DEFAULT_MAX_TOKENS until the frontend replaces it with the rest of the model's context.
+    max_tokens_given: bool = True
 
 
 _UNSUPPORTED = ("echo", "best_of", "suffix", "tools", "functions", "logit_bias")
@@ -220,7 +223,8 @@ def chat_messages(body: Any) -> list[dict[str, str]]:
 def parse_chat(body: Any, models: tuple[str, ...], render: Any) -> ParsedRequest:
     """/v1/chat/completions: `render(messages) -> prompt text` applies the chat template."""
     model, params, stream, usage = _common(body, models, "max_completion_tokens")
-    return ParsedRequest(model, render(chat_messages(body)), params, stream, usage)
+    given = any(body.get(k) is not None for k in ("max_completion_tokens", "max_tokens"))
+    return ParsedRequest(model, render(chat_messages(body)), params, stream, usage, given)
 
 
 def new_id(prefix: str) -> str:

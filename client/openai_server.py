@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from backends.common.params import request_context_tokens
 from client.aio import AsyncGrpcClient
 from client.api import ClientError, ServerError, ServerUnavailableError
 from client.openai_protocol import (
@@ -71,6 +73,7 @@ class Frontend:
 
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir)
         self.triton: AsyncGrpcClient | None = None
+        self._contexts: dict[str, int] = {}  # each served model's request_context_tokens
         self.app = web.Application(middlewares=[self._errors])
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/v1/models/{model}", self.model)
@@ -142,7 +145,34 @@ class Frontend:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         parsed = parse_chat(await _json(request), self.config.models, self.render_chat)
+        if not parsed.max_tokens_given:
+            parsed = await self._to_context_end(parsed)
         return await self._serve(request, parsed, chat=True)
+
+    async def _to_context_end(self, parsed: ParsedRequest) -> ParsedRequest:
+        """A chat without max_tokens may use the rest of the context, as OpenAI's and vLLM's do:
+        the model's limit (its config.pbtxt parameters and the checkpoint, request_context_tokens)
+        minus the prompt. Without a tokenizer the prompt cannot be counted: OpenAI's completions
+        default (16) stays."""
+        if self.tokenizer is None or self.config.tokenizer_dir is None:
+            return parsed
+        context = self._contexts.get(parsed.model)
+        if context is None:
+            assert self.triton is not None
+            try:
+                raw = await self.triton.model_parameters(parsed.model)
+            except ClientError as exc:
+                raise _api_error(exc) from None
+            context = self._contexts[parsed.model] = request_context_tokens(raw, self.config.tokenizer_dir)
+        prompt = self.prompt_tokens(parsed)
+        if prompt >= context:
+            raise APIError(
+                f"the prompt has {prompt} tokens; the model's context of {context} leaves no room for output",
+                param="messages",
+            )
+        return dataclasses.replace(
+            parsed, params=dataclasses.replace(parsed.params, max_tokens=context - prompt)
+        )
 
     async def _serve(self, request: web.Request, parsed: ParsedRequest, chat: bool) -> web.StreamResponse:
         assert self.triton is not None

@@ -32,7 +32,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.decode_cache import DenseDecodeCache
-from engine.errors import RequestError
+from engine.errors import RequestError, check_context
 from engine.kv_cache import KVPool
 from engine.parallel.executor import InFlight, ParallelExecutor
 from engine.runner import ForwardOutput, ModelRunner, kv_layout_for
@@ -117,14 +117,7 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
         if bad:
             raise RequestError(f"token id {bad[0]} out of range [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(
-                f"prompt has {len(prompt_ids)} tokens; the context is {self.max_model_len} and must hold at least one new token"
-            )
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.max_model_len}"
-            )
+        check_context(len(prompt_ids), params.max_tokens, self.max_model_len)
         if self.blocks.blocks_for(len(prompt_ids) + params.max_tokens) > self.blocks.num_blocks:
             raise RequestError(f"request needs more KV blocks than the pool has ({self.blocks.num_blocks})")
 

@@ -78,6 +78,8 @@ def orchestrator_config(dep: Deployment, name: str = "orchestrator") -> mc.Model
         dep.orchestrator,
         prefill_models=",".join(r.name for r in dep.prefill),
         decode_models=",".join(r.name for r in dep.decode),
+        # A request must fit every engine it may be routed to.
+        max_context_tokens=min(r.engine.max_context_tokens for r in (*dep.prefill, *dep.decode)),
     )
     if name != "orchestrator":
         cfg.max_batch_size = 1

@@ -95,7 +95,7 @@ def test_bad_requests_get_openai_errors(oai: openai.OpenAI, stream: bool) -> Non
     with pytest.raises(openai.NotFoundError) as nf:
         oai.completions.create(model="gpt-4", prompt="x", stream=stream)
     assert nf.value.code == "model_not_found"
-    with pytest.raises(openai.BadRequestError, match="context is 2048"):
+    with pytest.raises(openai.BadRequestError, match="the context is 2048"):
         oai.completions.create(model="orchestrator", prompt=[5] * 2100, max_tokens=2, stream=stream)
     with pytest.raises(openai.BadRequestError, match="max_tokens must be a positive integer"):
         oai.completions.create(model="orchestrator", prompt="x", max_tokens=0, stream=stream)
@@ -201,3 +201,18 @@ def test_raw_http_errors(stack: tuple[str, str]) -> None:
     assert status == 400 and "not valid JSON" in str(body["error"])
     status, body = post("/v1/nothing", b"{}")
     assert status == 404 and "error" in body
+
+
+@pytest.mark.parametrize("model", ["orchestrator", "colocated"])
+def test_chat_without_max_tokens_may_use_the_rest_of_the_context(oai: openai.OpenAI, model: str) -> None:
+    """As with OpenAI and vLLM, a chat without max_tokens may run to the end of the context: the
+    tiny model's 2048 tokens here (the KV pools hold more). A prompt that fills it is refused."""
+    words = "one two three four five six seven eight nine ten "
+    messages = [{"role": "user", "content": words * 165}]
+    reply = oai.chat.completions.create(model=model, messages=messages, extra_body={"ignore_eos": True})  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.prompt_tokens + reply.usage.completion_tokens == 2048
+    assert reply.usage.completion_tokens > 16  # beyond the completions' default
+    with pytest.raises(openai.BadRequestError, match="context of 2048 leaves no room") as err:
+        oai.chat.completions.create(model=model, messages=[{"role": "user", "content": words * 175}])
+    assert err.value.param == "messages"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 from pathlib import Path
 
@@ -115,3 +116,26 @@ def test_deployment_validation() -> None:
     with pytest.raises(PlannerError, match="must be named"):
         Deployment((ReplicaSpec("prefill_0", "prefill", cpu),), (ReplicaSpec("decode", "decode", cpu),),
                    OrchestratorParams("/m"))  # fmt: skip
+
+
+def test_the_orchestrators_context_is_the_smallest_of_its_engines(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """max_context_tokens: the least KV pool or max_model_len of the routed engines; with the
+    checkpoint's own context (2048 for the tiny model) it bounds every request to the entry point."""
+    from backends.common.params import request_context_tokens
+
+    dep = default_deployment(str(tiny_model_dir), num_blocks=100)  # 1600 tokens per pool
+    small = dataclasses.replace(
+        dep.decode[0], engine=dataclasses.replace(dep.decode[0].engine, max_model_len=900)
+    )
+    dep = dataclasses.replace(dep, decode=(small,))
+    write_repository(dep, tmp_path)
+    for name, expected in (("orchestrator", 900), ("ensemble", 900), ("colocated", 1600)):
+        raw = params(text_format.Parse((tmp_path / name / "config.pbtxt").read_text(), mc.ModelConfig()))
+        assert request_context_tokens(raw, tiny_model_dir) == expected, name
+    raw = {
+        **params(text_format.Parse((tmp_path / "colocated" / "config.pbtxt").read_text(), mc.ModelConfig()))
+    }
+    raw["num_blocks"] = "1000"  # a pool larger than the checkpoint's context
+    assert request_context_tokens(raw, tiny_model_dir) == 2048

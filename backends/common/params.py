@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig
 
 P = TypeVar("P", bound="ParamGroup")
 DEVICES = ("cpu", "cuda")
@@ -142,6 +142,14 @@ class EngineParams(ParamGroup):
         if any(d < 0 for d in self.device_ids):
             raise ParameterError(f"device ids must be >= 0, got {self.device_ids}")
 
+    @property
+    def max_context_tokens(self) -> int:
+        """The most prompt + output tokens one request may have here, as far as the parameters
+        tell: the KV pool (a sequence's whole life must fit in it) and max_model_len when set; the
+        checkpoint's own context bounds it too (request_context_tokens)."""
+        pool = self.num_blocks * self.block_size
+        return min(pool, self.max_model_len) if self.max_model_len else pool
+
     def engine_config(self, repository_root: str | Path) -> EngineConfig:
         """The EngineConfig of this instance (model_dir resolved against the repository)."""
         ranks = self.tp_size * self.pp_size
@@ -181,12 +189,31 @@ class OrchestratorParams(ParamGroup):
     decode_stall_timeout_seconds: float = param(
         10.0, "longest silence of a decode instance before the request fails", minimum=1e-3
     )
+    max_context_tokens: int = param(
+        0,
+        "the most prompt + output tokens a request may have: the smallest of the routed engines' "
+        "(their KV pools and max_model_len; the planner writes it), 0: only the model's own context",
+        minimum=0,
+    )
     input_in_output: str = param(
         "exclude",
         "non-streaming text of a request without exclude_input_in_output: without the prompt "
         "(this project's default) or with it (TensorRT-LLM's, the ensemble and tensorrt_llm_bls entry points)",
         choices=("exclude", "include"),
     )
+
+
+def request_context_tokens(raw: Mapping[str, str], model_dir: str | Path) -> int:
+    """The most prompt + output tokens one request to a client-facing model may have, from its
+    config.pbtxt parameters (an orchestrator's max_context_tokens, or a colocated engine's own
+    limits) and the checkpoint's context (model_dir). The OpenAI frontend defaults a chat's
+    max_tokens to this minus the prompt; the orchestrator refuses more up front."""
+    own = ModelConfig.from_dir(model_dir).derived_max_len
+    if "prefill_models" in raw:  # an orchestrator or an entry point
+        limit = OrchestratorParams.from_parameters(raw).max_context_tokens
+    else:
+        limit = EngineParams.from_parameters(raw).max_context_tokens
+    return min(own, limit) if limit else own
 
 
 def model_parameters(args: Mapping[str, str], unary_ok: bool = False) -> tuple[dict[str, str], Path]:

@@ -24,7 +24,12 @@ import triton_python_backend_utils as pb_utils
 
 from backends.common import trace
 from backends.common.client_stream import ClientStream, RequestMetrics
-from backends.common.params import OrchestratorParams, model_parameters, resolve_model_dir
+from backends.common.params import (
+    OrchestratorParams,
+    model_parameters,
+    request_context_tokens,
+    resolve_model_dir,
+)
 from backends.common.sink import ResponseSink
 from backends.common.triton_glue import (
     PB_LOCK,
@@ -43,7 +48,7 @@ from backends.orchestrator.inbox import TokenInbox
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import RoutingTable
 from backends.orchestrator.unary import UnarySink
-from engine.errors import RequestError
+from engine.errors import RequestError, check_context
 from engine.tokenizer import load_tokenizer
 from kv_transfer import LeaseReleaser
 
@@ -60,7 +65,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.batch_dim = int(config.get("max_batch_size", 0)) > 0
         self.decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
-        self.tokenizer = load_tokenizer(resolve_model_dir(params.model_dir, root))
+        model_dir = resolve_model_dir(params.model_dir, root)
+        self.tokenizer = load_tokenizer(model_dir)
+        # A request that cannot fit an engine behind this model is refused here, before any call.
+        self.context_tokens = request_context_tokens(raw, model_dir)
         routes = RoutingTable.parse(params.prefill_models, params.decode_models, params.routing_groups)
         self.leases = LeaseReleaser()
         self.retired = RetiredIterators()
@@ -134,6 +142,7 @@ class TritonPythonModel:
                 )
             ids = req.prompt_ids_with(self.tokenizer)
             params = req.params_with(self.tokenizer)
+            check_context(len(ids), params.max_tokens, self.context_tokens)
         except RequestError as e:
             sink.error(str(e))
             return False
