@@ -64,3 +64,13 @@ def test_streamed_chat_answers_paris_with_the_same_text(oai: openai.OpenAI) -> N
     assert "Paris" in text and text == whole.choices[0].message.content
     assert len(chunks) > 2, "a streamed answer comes in pieces"
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_without_max_tokens_answers_past_16_tokens(oai: openai.OpenAI) -> None:
+    """No max_tokens: the answer may use the rest of the context (1024 tokens, the KV pool here),
+    not the completions' default of 16, and ends where the model ends it."""
+    count = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+    reply = oai.chat.completions.create(model="orchestrator", messages=count, temperature=0)  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 16
+    assert (reply.choices[0].message.content or "").rstrip().endswith("20")  # it counted to the end
