@@ -90,6 +90,17 @@ def test_sampling_round_trips_through_the_phases() -> None:
     assert (got.max_tokens, got.top_k, got.seed, got.stop_token_ids, got.ignore_eos) == (5, 4, 11, (3,), True)
 
 
+def test_top_k_and_top_p_zero_mean_off_and_both_greedy_as_in_tensorrt_llm() -> None:
+    def params(**kw: float) -> tuple[float, int, float]:
+        p = PrefillRequest(input_ids=(1,), max_tokens=2, temperature=0.9, **kw).sampling_params()  # type: ignore[arg-type]
+        return p.temperature, p.top_k, p.top_p
+
+    assert params(top_k=0, top_p=0.0) == (0.0, 0, 1.0)  # greedy search
+    assert params(top_p=0.0) == (0.0, 0, 1.0)
+    assert params(top_k=5, top_p=0.0) == pytest.approx((0.9, 5, 1.0))  # top-k alone
+    assert params(top_k=0, top_p=0.5) == pytest.approx((0.9, 0, 0.5))  # top-p alone
+
+
 def test_decode_input_kinds_are_told_by_the_cancel_tag() -> None:
     cancel = read_decode_input(DecodeCancel(request_id="abc").to_tensors())
     assert cancel == DecodeCancel(request_id="abc")

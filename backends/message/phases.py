@@ -52,9 +52,10 @@ class Sampling(Message):
     bad_word_lens: tuple[int, ...] = ()
 
     def sampling_params(self, seed: int | None = None) -> SamplingParams:
-        """The engine's parameters. Absent temperature means greedy; end_id replaces the model's
-        EOS as the token that ends output (as ignore_eos does without a replacement); `seed`, when
-        given, is used if random_seed is absent."""
+        """The engine's parameters. Absent temperature means greedy; top_k 0 and top_p 0 mean off,
+        and both 0 mean greedy, as in TensorRT-LLM; end_id replaces the model's EOS as the token
+        that ends output (as ignore_eos does without a replacement); `seed`, when given, is used if
+        random_seed is absent."""
         if self.end_id is not None and self.end_id < 0:
             raise RequestError(f"end_id must be a token id >= 0, got {self.end_id}")
         has_end = self.end_id is not None
@@ -63,15 +64,21 @@ class Sampling(Message):
                 f"bad_word_lens must be positive and add up to the {len(self.bad_word_ids)} bad_word_ids, "
                 f"got {list(self.bad_word_lens)}"
             )
+        temperature = 0.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else self.top_p
+        if top_p == 0.0:  # TensorRT-LLM's "off"; with top_k off too, its greedy search
+            top_p = 1.0
+            if not self.top_k:
+                temperature = 0.0
         starts = [sum(self.bad_word_lens[:i]) for i in range(len(self.bad_word_lens))]
         bad_words = tuple(
             self.bad_word_ids[s : s + n] for s, n in zip(starts, self.bad_word_lens, strict=True)
         )
         return SamplingParams(
             max_tokens=self.max_tokens,
-            temperature=0.0 if self.temperature is None else self.temperature,
+            temperature=temperature,
             top_k=0 if self.top_k is None else self.top_k,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            top_p=top_p,
             seed=self.random_seed if self.random_seed is not None else seed,
             stop_token_ids=(self.end_id,) if self.end_id is not None else (),
             ignore_eos=has_end or self.ignore_eos,
