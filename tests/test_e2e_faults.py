@@ -127,6 +127,9 @@ def test_client_that_disconnects_frees_its_blocks(server: TritonServer) -> None:
 
 def test_killed_decode_process_gives_an_error_not_a_hang(server: TritonServer) -> None:
     # Last in this module: the decode model stays dead afterwards.
+    failed_before = sum(
+        metric_values(metrics(server.metrics_url), "disagg_request_failures_total", model="orchestrator")
+    )
     client, responses = _start_long_stream(server.grpc_url)
     [pid] = stub_pids(server.config.model_repository, "decode")
     started = time.monotonic()
@@ -150,6 +153,12 @@ def test_killed_decode_process_gives_an_error_not_a_hang(server: TritonServer) -
     [disagg] = stream_many(server.grpc_url, "orchestrator", [client_inputs("Hello", 4)], timeout=60)
     [coloc] = stream_many(server.grpc_url, "colocated", [client_inputs("Hello", 4)], timeout=60)
     assert disagg.error is not None and coloc.error is None and len(coloc.output_ids) == 4
+    # Both failed after they were accepted (execute() had returned): Triton 2.51 counts them as
+    # successes; our counter has them.
+    failed = sum(
+        metric_values(metrics(server.metrics_url), "disagg_request_failures_total", model="orchestrator")
+    )
+    assert failed == failed_before + 2
 
 
 def test_pool_of_a_killed_server_is_removed_by_the_launcher(

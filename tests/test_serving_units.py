@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.common.client_stream import ClientStream
+from backends.common.client_stream import ClientStream, RequestMetrics
 from backends.common.params import EngineParams
 from backends.common.text_stream import TextStream
 from backends.message import ClientRequest, Message
@@ -90,6 +90,8 @@ def test_tensorrt_llm_spellings() -> None:
     assert p.min_tokens == 2 and p.logprobs
     same = _request(seed=np.array([7], np.uint64), random_seed=np.array([7], np.uint64))
     assert ClientRequest.from_tensors(same).params.seed == 7
+    older = _request(min_length=np.array([3], np.int32))  # min_tokens' older name
+    assert ClientRequest.from_tensors(older).params.min_tokens == 3
 
 
 @pytest.mark.parametrize(
@@ -106,6 +108,10 @@ def test_tensorrt_llm_spellings() -> None:
             "'seed' .* same option",
         ),
         ({"min_tokens": np.array([9], np.int32)}, r"min_tokens must be an integer in \[0, max_tokens=4\]"),
+        (
+            {"min_length": np.array([1], np.int32), "min_tokens": np.array([2], np.int32)},
+            "'min_length' .* same option",
+        ),
         (
             {"bad_word_ids": np.array([3, 4], np.int32), "bad_word_lens": np.array([1], np.int32)},
             "bad_word_lens must be positive and add up to the 2 bad_word_ids",
@@ -291,3 +297,32 @@ def test_metric_catalog_declares_each_family_once() -> None:
         assert (m.kind == "histogram") == bool(m.buckets), m.name
         assert (m.kind == "counter") == m.name.endswith("_total"), m.name
         assert list(m.buckets) == sorted(m.buckets)
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def increment(self, value: float) -> None:
+        self.value += value
+
+
+def test_client_stream_counts_tokens_and_failures(tokenizer: object) -> None:
+    """The prompt once its first token is out, the tokens sent once the request ends (completed,
+    cancelled or failed), and each failure."""
+    counts = {name: _Count() for name in ("prompt_tokens", "generation_tokens", "failures")}
+    metrics = RequestMetrics(**counts)  # type: ignore[arg-type]
+    done = ClientStream(RecordingSink(), tokenizer, stream=True, metrics=metrics, prompt_len=7)
+    done.push([5])
+    assert (counts["prompt_tokens"].value, counts["generation_tokens"].value) == (7, 0)
+    done.push([6, 7], "length")
+    cancelled = ClientStream(RecordingSink(), tokenizer, stream=True, metrics=metrics, prompt_len=3)
+    cancelled.push([5])
+    cancelled.cancelled()
+    failed = ClientStream(RecordingSink(), tokenizer, stream=True, metrics=metrics, prompt_len=2)
+    failed.push([5, 6])
+    failed.error("decode died")
+    failed.error("again")  # a stream ends once
+    assert {k: c.value for k, c in counts.items()} == {
+        "prompt_tokens": 12, "generation_tokens": 6, "failures": 1,
+    }  # fmt: skip

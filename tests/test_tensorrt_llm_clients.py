@@ -203,12 +203,13 @@ def test_unary_grpc_and_http_infer_and_generate(unary_server: TritonServer, serv
     assert outputs["output_ids"] == streamed.output_ids and outputs["text_output"] == [streamed.text]
 
 
-def _outcomes(server: TritonServer, model: str) -> tuple[float, float]:
-    """Triton's own request counters of a model: (successes, failures)."""
+def _outcomes(server: TritonServer, model: str) -> tuple[float, float, float]:
+    """Triton's own request counters of a model (successes, failures), and ours of failures."""
     text = metrics(server.metrics_url)
     return (
         sum(metric_values(text, "nv_inference_request_success", model=model)),
         sum(metric_values(text, "nv_inference_request_failure", model=model)),
+        sum(metric_values(text, "disagg_request_failures_total", model=model)),
     )
 
 
@@ -232,12 +233,12 @@ def test_refused_requests_count_as_failures_in_tritons_metrics(
     srv = server if deployment == "decoupled" else unary_server
     models = ("ensemble", "orchestrator") + (("colocated",) if deployment == "decoupled" else ())
     for model in models:
-        ok_before, failed_before = _outcomes(srv, model)
+        ok_before, failed_before, ours_before = _outcomes(srv, model)
         status, reply = _generate(srv, model, {"text_input": PROMPT, "max_tokens": 4, "beam_width": 2})
         assert status == 400 and "beam_width must be 1" in reply, (model, reply)
         status, reply = _generate(srv, model, {"text_input": PROMPT, "max_tokens": 4})
         assert status == 200, (model, reply)
-        assert _outcomes(srv, model) == (ok_before + 1, failed_before + 1), model
+        assert _outcomes(srv, model) == (ok_before + 1, failed_before + 1, ours_before + 1), model
 
 
 def test_perf_metrics_and_indexes_in_the_final_response(server: TritonServer) -> None:

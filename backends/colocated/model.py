@@ -41,7 +41,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(engine_config.model_dir)
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
-        self.latency = RequestMetrics.create(m.create)
+        self.request_metrics = RequestMetrics.create(m.create)
         # As in decode: the engine loop hands responses over and never waits on a send.
         self.outbox = Outbox(name="colocated-outbox")
         self.worker = ColocatedWorker(
@@ -78,12 +78,13 @@ class TritonPythonModel:
                     req.prompt_ids_with(self.tokenizer), req.params_with(self.tokenizer), request.request_id()
                 )
             except RequestError as e:
+                self.request_metrics.failures.increment(1)
                 sink.error(str(e))
                 refused += 1
                 continue
             # Colocated's default is this project's: the prompt only when a request asks for it.
             stream = ClientStream.of(
-                req, seq.prompt_ids, self.outbox.sink(sink), self.tokenizer, self.latency, arrived
+                req, seq.prompt_ids, self.outbox.sink(sink), self.tokenizer, self.request_metrics, arrived
             )
             self.worker.submit((seq, stream))
         return refused

@@ -23,11 +23,12 @@ class RequestMetrics(NamedTuple):
     e2e: Histogram = NULL
     prompt_tokens: Counter = NULL  # the prompt, once its first token is out (it was prefilled)
     generation_tokens: Counter = NULL  # the tokens sent, once the request ends (however it ends)
+    failures: Counter = NULL  # requests answered with an error (the models count refusals too)
 
     @classmethod
     def create(cls, make: Callable[[MetricSpec], Any]) -> RequestMetrics:
         """Every metric, each made from its catalog entry by `make` (triton_glue.Metrics.create)."""
-        specs = (M.TTFT, M.TPOT, M.REQUEST_SECONDS, M.PROMPT_TOKENS, M.GENERATION_TOKENS)
+        specs = (M.TTFT, M.TPOT, M.REQUEST_SECONDS, M.PROMPT_TOKENS, M.GENERATION_TOKENS, M.REQUEST_FAILURES)
         return cls(*(make(spec) for spec in specs))
 
 
@@ -169,6 +170,7 @@ class ClientStream:
     def error(self, message: str) -> None:
         if not self.done:
             self._end()
+            self.metrics.failures.increment(1)
             self.sink.error(message)
 
     def cancelled(self) -> None:

@@ -65,6 +65,12 @@ REQUEST_SECONDS = MetricSpec(
 PROMPT_TOKENS = MetricSpec(
     "disagg_prompt_tokens_total", "counter", "Prompt tokens of the requests that got a first token"
 )
+REQUEST_FAILURES = MetricSpec(
+    "disagg_request_failures_total",
+    "counter",
+    "Requests answered with an error: refused on arrival, or failed later (Triton's own "
+    "nv_inference_request_failure misses those, 2.51 having counted the request when execute() returned)",
+)
 GENERATION_TOKENS = MetricSpec(
     "disagg_generation_tokens_total", "counter", "Tokens sent to clients (counted when a request ends)"
 )

@@ -37,6 +37,7 @@ class ClientInputs(Sampling):
     stream: bool = False
     stop_words: tuple[str, ...] = ()
     seed: int | None = None
+    min_length: int | None = None
     exclude_input_in_output: bool | None = None
     bad_words: tuple[str, ...] = ()
     beam_width: int | None = None
@@ -78,6 +79,13 @@ class ClientRequest:
                 f"'seed' ({raw.seed}) and 'random_seed' ({raw.random_seed}) are the same option; "
                 "give one, or the same value"
             )
+        if raw.min_length is not None:
+            if raw.min_tokens is not None and raw.min_tokens != raw.min_length:
+                raise RequestError(
+                    f"'min_length' ({raw.min_length}) and 'min_tokens' ({raw.min_tokens}) are the same "
+                    "option; give one, or the same value"
+                )
+            raw = dataclasses.replace(raw, min_tokens=raw.min_length)
         _check_tensorrt_llm_options(raw)
         return ClientRequest(
             text=raw.text_input,

@@ -45,6 +45,7 @@ CLIENT_INPUTS = (
     TensorSpec("stream", "TYPE_BOOL", (1,), optional=True),
     TensorSpec("stop_words", "TYPE_STRING", (-1,), optional=True),
     TensorSpec("seed", "TYPE_UINT64", (1,), optional=True),  # TensorRT-LLM's newer name of random_seed
+    TensorSpec("min_length", "TYPE_INT32", (1,), optional=True),  # its older name of min_tokens
     # TensorRT-LLM's ensemble/BLS inputs with one meaning here (client.py says which values):
     TensorSpec("exclude_input_in_output", "TYPE_BOOL", (1,), optional=True),
     TensorSpec("bad_words", "TYPE_STRING", (-1,), optional=True),

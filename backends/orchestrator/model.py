@@ -84,7 +84,7 @@ class TritonPythonModel:
         # Kept on self: a metric family must outlive its metrics.
         self.metric_registry = Metrics(args["model_name"], args["model_instance_name"])
         m = self.metric_registry
-        self.latency = RequestMetrics.create(m.create)
+        self.request_metrics = RequestMetrics.create(m.create)
 
     def _call(self, model: str, message: PrefillRequest | DecodeRequest | DecodeCancel) -> BLSResponses:
         names = [spec.name for spec in message.REPLY]
@@ -144,9 +144,12 @@ class TritonPythonModel:
             params = req.params_with(self.tokenizer)
             check_context(len(ids), params.max_tokens, self.context_tokens)
         except RequestError as e:
+            self.request_metrics.failures.increment(1)
             sink.error(str(e))
             return False
-        stream = ClientStream.of(req, ids, sink, self.tokenizer, self.latency, arrived, self.include_input)
+        stream = ClientStream.of(
+            req, ids, sink, self.tokenizer, self.request_metrics, arrived, self.include_input
+        )
         self.pool.submit(self.pipeline.run, ids, params, stream)
         return True
 
