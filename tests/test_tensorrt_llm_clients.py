@@ -261,3 +261,26 @@ def test_perf_metrics_and_indexes_in_the_final_response(server: TritonServer) ->
         assert status == 200 and "arrival_time_ns" not in reply and '"batch_index":0' in reply, reply
     # Disaggregated, the blocks are the decode instance's: the same as the colocated engine's.
     assert len(set(blocks.values())) == 1, blocks
+
+
+UNSUPPORTED = {  # TensorRT-LLM's inputs for what this server does not do, with their shapes there
+    "lora_task_id": np.array([[1]], dtype=np.uint64),
+    "prompt_embedding_table": np.zeros((1, 2, 4), dtype=np.float16),
+    "guided_decoding_guide_type": np.array([[b"json"]], dtype=object),
+    "num_draft_tokens": np.array([[2]], dtype=np.int32),
+    "image_url_input": np.array([[b"http://127.0.0.1/x.png"]], dtype=object),
+    "return_context_logits": np.array([[True]]),
+    "length_penalty": np.array([[1.0]], dtype=np.float32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_tensorrt_llm_inputs_are_refused_by_name(server: TritonServer, name: str) -> None:
+    """Over gRPC Triton refuses an input the entry point does not declare, naming it; over HTTP
+    /generate it arrives as a parameter, which the model refuses by name. Nothing is ignored."""
+    [got] = stream_many(
+        server.grpc_url, "ensemble", [batch_inputs(PROMPT, 4, True, **{name: UNSUPPORTED[name]})]
+    )
+    assert got.error is not None and name in got.error, got.error
+    status, reply = _generate(server, "ensemble", {"text_input": PROMPT, "max_tokens": 4, name: 1})
+    assert status == 400 and f"unknown input or option {name!r}" in reply, reply
