@@ -35,6 +35,7 @@ from backends.tritonserver_config import (
     REPO_ROOT,
     TritonServerConfig,
     free_port,
+    free_ports,
     missing_install,
     server_environment,
 )
@@ -136,7 +137,8 @@ class TritonServer:
         # Free ports are only reserved until we close the probe socket: retry a lost race.
         attempts = 3 if any(not p for p in requested) else 1
         for attempt in range(attempts):
-            self._ports = TritonPorts(*(p if p else free_port() for p in requested))
+            fresh = iter(free_ports(sum(not p for p in requested), taken=tuple(p for p in requested if p)))
+            self._ports = TritonPorts(*(p if p else next(fresh) for p in requested))
             self._spawn()
             try:
                 self._wait_ready()

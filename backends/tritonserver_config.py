@@ -93,9 +93,27 @@ def missing_install(install_dir: Path = DEFAULT_INSTALL_DIR) -> str | None:
 
 def free_port(host: str = LOCALHOST) -> int:
     """A TCP port free on `host` right now (the kernel's choice for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = LOCALHOST, taken: tuple[int, ...] = ()) -> list[int]:
+    """`count` different TCP ports free on `host` right now, none of them in `taken`: every probe
+    socket stays bound until all are chosen, else the kernel may hand out one port twice (it did:
+    tritonserver then refused HTTP and gRPC on the same port)."""
+    socks: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+        return ports
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def server_environment(config: TritonServerConfig, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -202,3 +202,14 @@ def test_killed_stub_leaves_no_shm_region(tmp_path: Path) -> None:
     os.kill(srv.pid, signal.SIGKILL)
     srv.stop()
     assert not (Path("/dev/shm") / region).exists()
+
+
+def test_free_ports_are_different_and_avoid_the_taken_ones() -> None:
+    """Probe sockets stay bound until every port is chosen: one port for HTTP and gRPC once made
+    tritonserver refuse to start."""
+    from backends.tritonserver_config import free_ports
+
+    for _ in range(50):
+        first = free_ports(3)
+        assert len(set(first)) == 3
+        assert not set(free_ports(2, taken=tuple(first))) & set(first)
