@@ -74,23 +74,17 @@ class ClientRequest:
             raise RequestError(f"at most {MAX_STOP_WORDS} stop_words, got {len(stop_words)}")
         if any(len(w) > MAX_STOP_WORD_CHARS for w in stop_words):
             raise RequestError(f"each stop word must have at most {MAX_STOP_WORD_CHARS} characters")
-        if raw.seed is not None and raw.random_seed is not None and raw.seed != raw.random_seed:
-            raise RequestError(
-                f"'seed' ({raw.seed}) and 'random_seed' ({raw.random_seed}) are the same option; "
-                "give one, or the same value"
-            )
-        if raw.min_length is not None:
-            if raw.min_tokens is not None and raw.min_tokens != raw.min_length:
-                raise RequestError(
-                    f"'min_length' ({raw.min_length}) and 'min_tokens' ({raw.min_tokens}) are the same "
-                    "option; give one, or the same value"
-                )
-            raw = dataclasses.replace(raw, min_tokens=raw.min_length)
+        # TensorRT-LLM's other names of an option: `seed` (newer) and `min_length` (older).
+        raw = dataclasses.replace(
+            raw,
+            random_seed=_one_option("seed", raw.seed, "random_seed", raw.random_seed),
+            min_tokens=_one_option("min_length", raw.min_length, "min_tokens", raw.min_tokens),
+        )
         _check_tensorrt_llm_options(raw)
         return ClientRequest(
             text=raw.text_input,
             prompt_ids=None if raw.input_ids is None else list(raw.input_ids),
-            params=raw.sampling_params(seed=raw.seed),
+            params=raw.sampling_params(),
             stream=raw.stream,
             stop_words=stop_words,
             exclude_input=raw.exclude_input_in_output,
@@ -133,6 +127,15 @@ def check_parameters(parameters: Mapping[str, Any]) -> None:
         raise RequestError(
             f"unknown input or option {unknown[0]!r} (the inputs are: {', '.join(CLIENT_INPUT_NAMES)})"
         )
+
+
+def _one_option(name: str, value: int | None, other_name: str, other: int | None) -> int | None:
+    """The value of an option that has two names: either one, or both when they agree."""
+    if value is not None and other is not None and value != other:
+        raise RequestError(
+            f"'{name}' ({value}) and '{other_name}' ({other}) are the same option; give one, or the same value"
+        )
+    return other if value is None else value
 
 
 def _check_tensorrt_llm_options(raw: ClientInputs) -> None:

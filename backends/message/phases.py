@@ -51,11 +51,10 @@ class Sampling(Message):
     bad_word_ids: tuple[int, ...] = ()
     bad_word_lens: tuple[int, ...] = ()
 
-    def sampling_params(self, seed: int | None = None) -> SamplingParams:
+    def sampling_params(self) -> SamplingParams:
         """The engine's parameters. Absent temperature means greedy; top_k 0 and top_p 0 mean off,
         and both 0 mean greedy, as in TensorRT-LLM; end_id replaces the model's EOS as the token
-        that ends output (as ignore_eos does without a replacement); `seed`, when given, is used if
-        random_seed is absent."""
+        that ends output (as ignore_eos does without a replacement)."""
         if self.end_id is not None and self.end_id < 0:
             raise RequestError(f"end_id must be a token id >= 0, got {self.end_id}")
         has_end = self.end_id is not None
@@ -79,7 +78,7 @@ class Sampling(Message):
             temperature=temperature,
             top_k=0 if self.top_k is None else self.top_k,
             top_p=top_p,
-            seed=self.random_seed if self.random_seed is not None else seed,
+            seed=self.random_seed,
             stop_token_ids=(self.end_id,) if self.end_id is not None else (),
             ignore_eos=has_end or self.ignore_eos,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,

@@ -59,9 +59,8 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
         self._waiting: deque[PrefillJob] = deque()
         # Batches launched and not yet completed, oldest first: with pp stages up to pp are in the
         # pipeline at once (a new batch enters stage 0 as soon as stage 0 is free).
-        self._in_flight: deque[tuple[Step, list[PrefillJob], float, int]] = (
-            deque()
-        )  # launched at (perf_counter, ns)
+        # Each with its launch time (time.perf_counter, and time.time_ns for the perf outputs).
+        self._in_flight: deque[tuple[Step, list[PrefillJob], float, int]] = deque()
         self._update_gauges()
         self.start()
 
