@@ -195,6 +195,12 @@ class OrchestratorParams(ParamGroup):
         "(their KV pools and max_model_len; the planner writes it), 0: only the model's own context",
         minimum=0,
     )
+    phase_requests: str = param(
+        "socket",
+        "how requests reach prefill and decode: over their request channels, straight from this "
+        "process (socket), or as BLS calls through the server (bls)",
+        choices=("socket", "bls"),
+    )
     input_in_output: str = param(
         "exclude",
         "non-streaming text of a request without exclude_input_in_output: without the prompt "

@@ -5,8 +5,10 @@ sampling inputs) or a DecodeCancel (backends.message). Pulls the KV named by the
 own pool, then decodes with continuous batching over every request it holds, streaming
 DecodeChunks (each has the tokens made since the previous one: one, unless its send fell behind;
 see common/outbox.py) and, on the last one, finish_reason with the final flag. A DecodeRequest
-with a `reply_to` token channel is answered "accepted" on the call, and its chunks go over the
-channel instead (common/channel.py), written straight from the engine loop.
+with a `reply_to` token channel has its chunks sent over that channel instead (common/channel.py),
+written straight from the engine loop; the orchestrator sends its requests and cancels over this
+instance's request channel (common/door.py), and a BLS call with a reply_to is only answered
+"accepted".
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from typing import Any
 
 from backends.common import metrics as M
 from backends.common import trace
-from backends.common.channel import Channels
+from backends.common.channel import Channels, ChannelSink
+from backends.common.door import Door
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
 from backends.common.pools import RankPools
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
 from backends.decode.worker import DecodeJob, DecodeMetrics, DecodeWorker
-from backends.message import ABORT, DecodeCancel, DecodeChunk, DecodeRequest, read_decode_input
+from backends.message import ABORT, DecodeCancel, DecodeChunk, DecodeRequest, Tensors, read_decode_input
 from backends.message.specs import DECODE_INPUTS
 from engine.engine import LLMEngine
 from engine.errors import RequestError
@@ -66,37 +69,50 @@ class TritonPythonModel:
                 cancelled=m.create(M.CANCELLED),
             ),
         )
+        # The orchestrator's requests come over the request channel (BLS calls still work).
+        self.door = Door(args["model_name"], self._admit)
         freeze_startup_heap()
 
     def execute(self, requests: list[Any]) -> None:
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
-            self._accept(requests)
+            for request in requests:
+                self._admit(read_inputs(request, DECODE_INPUTS), TritonSink(request, inband_errors=True))
 
-    def _accept(self, requests: list[Any]) -> None:
-        for request in requests:
-            sink = TritonSink(request, inband_errors=True)
-            try:
-                message = read_decode_input(read_inputs(request, DECODE_INPUTS))
-                if self.engine.dead is not None and isinstance(message, DecodeRequest):
-                    raise RequestError(f"decode instance out of service: {self.engine.dead}")
-                if isinstance(message, DecodeCancel):
-                    self.worker.cancel(message.request_id)
-                    sink.send(DecodeChunk(finish_reason=ABORT), final=True)
-                    continue
-                seq = self._sequence(message)
-                handle = KVHandle.decode(message.kv_handle)
-                channel = (
-                    self.channels.sink(message.reply_to, message.request_id) if message.reply_to else None
-                )
-            except (RequestError, KVHandleError) as e:
-                sink.error(str(e))
-                continue
-            if channel is not None:
-                sink.accepted()  # the rest goes over the channel
-                self.worker.submit(DecodeJob(seq, handle, channel))
-                continue
-            sink.acknowledge()  # directly: before any token of this request
-            self.worker.submit(DecodeJob(seq, handle, self.outbox.sink(sink)))
+    def _admit(self, tensors: Tensors, call: TritonSink | None = None) -> None:
+        """Admits one request or cancel: sent as a BLS call (`call`: its response sender) or over
+        the request channel (no `call`: errors, like the tokens, go to its reply_to channel; a
+        cancel is not answered)."""
+        channel: ChannelSink | None = None
+        try:
+            message = read_decode_input(tensors)
+            if isinstance(message, DecodeCancel):
+                self.worker.cancel(message.request_id)
+                if call is not None:
+                    call.send(DecodeChunk(finish_reason=ABORT), final=True)
+                return
+            if message.reply_to:
+                channel = self.channels.sink(message.reply_to, message.request_id)
+            elif call is None:
+                raise RequestError("a request over the request channel needs a reply_to")
+            if self.engine.dead is not None:
+                raise RequestError(f"decode instance out of service: {self.engine.dead}")
+            seq = self._sequence(message)
+            handle = KVHandle.decode(message.kv_handle)
+        except (RequestError, KVHandleError) as e:
+            answer = call or channel
+            if answer is None:
+                log.warning("dropped a request over the request channel: %s", e)
+            else:
+                answer.error(str(e))
+            return
+        if channel is not None:
+            if call is not None:
+                call.accepted()  # the rest goes over the channel
+            self.worker.submit(DecodeJob(seq, handle, channel))
+            return
+        assert call is not None
+        call.acknowledge()  # directly: before any token of this request
+        self.worker.submit(DecodeJob(seq, handle, self.outbox.sink(call)))
 
     def _sequence(self, req: DecodeRequest) -> Sequence:
         """The request's sequence as prefill left it: the prompt and the first token."""
@@ -105,6 +121,7 @@ class TritonPythonModel:
         return seq
 
     def finalize(self) -> None:
+        self.door.close()
         self.worker.stop()
         self.outbox.close()  # after the worker has ended every request: their final responses
         self.channels.close()

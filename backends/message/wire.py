@@ -1,9 +1,12 @@
-"""The token channel's frames: prefill and decode -> orchestrator over a local socket, without Triton.
+"""The channels' frames between the orchestrator and the phases, over local sockets, without Triton.
 
-A PrefillRequest or DecodeRequest that names a `reply_to` channel is answered on the BLS call with
-one final, empty response ("accepted"); its result or tokens, its end and its errors then go over
-that channel as frames, so no result or token crosses the server and the orchestrator's BLS
-machinery (docs/overhead.md).
+Requests go orchestrator -> prefill/decode over the phase's request channel (its "door", named
+after the server and the model: door_name); results and tokens come back over the orchestrator's
+token channel, named in each request's `reply_to`. Neither crosses the server (docs/overhead.md).
+
+A PrefillRequest or DecodeRequest that names a `reply_to` channel has its result or tokens, its
+end and its errors sent over that channel as frames (one sent as a BLS call is answered on the call
+only with one final, empty response: "accepted").
 
 Frame: u32 length of the rest | u8 kind | 16-byte stream id (the request_id's hex) | payload.
 - HELLO: payload = the sender's model name (UTF-8); stream id zero. First frame of a connection.
@@ -15,18 +18,25 @@ Frame: u32 length of the rest | u8 kind | 16-byte stream id (the request_id's he
 - RESULT: a PrefillResult: i32 first token, u8 1 if the f32 that follows is its
   log-probability (else 0), i64 first_scheduled_time_ns, i64 first_token_time_ns, i32 kv_blocks,
   u16 length + finish_reason (UTF-8), then the KV handle's bytes.
-Only these four kinds exist; anything else, or a frame over MAX_FRAME, is a protocol error.
+- REQUEST (orchestrator -> door): a PrefillRequest, DecodeRequest or DecodeCancel as its tensors
+  (tensor_bytes.py); the stream id is its request_id's.
+Only these five kinds exist; anything else, or a frame over MAX_FRAME, is a protocol error.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import struct
 
 import numpy as np
 
+from backends.message import tensor_bytes
+from backends.message.codec import Tensors
 from backends.message.phases import DecodeChunk, InbandError, PrefillResult
+from kv_transfer.control import recv_exact
 
-HELLO, CHUNK, ERROR, RESULT = 1, 2, 3, 4
+HELLO, CHUNK, ERROR, RESULT, REQUEST = 1, 2, 3, 4, 5
 HEADER = struct.Struct("<IB16s")  # length after the u32, kind, stream id
 RESULT_HEAD = struct.Struct("<iBfqqiH")
 END_STATS = struct.Struct("<qi")
@@ -39,6 +49,13 @@ ABSTRACT_PREFIX = "unix-abstract:"
 
 class WireError(ValueError):
     """A malformed frame: the connection carrying it is closed."""
+
+
+def door_name(model: str) -> str:
+    """The abstract socket name of `model`'s request channel. Triton starts every python-backend
+    stub as its own child, so the server's pid (the stub's parent) tells this server's doors from
+    another's on the same host."""
+    return f"disagg-door-{os.getppid()}-{model}"
 
 
 def stream_id(request_id: str) -> bytes:
@@ -93,6 +110,33 @@ def result(sid: bytes, r: PrefillResult) -> bytes:
         len(reason),
     )
     return frame(RESULT, sid, head + reason + r.kv_handle)
+
+
+def request(sid: bytes, tensors: Tensors) -> bytes:
+    return frame(REQUEST, sid, tensor_bytes.dumps(tensors))
+
+
+def parse_request(kind: int, payload: bytes) -> Tensors:
+    """A REQUEST frame's tensors; WireError for any other kind or a malformed payload."""
+    if kind != REQUEST:
+        raise WireError(f"a request channel got a frame of kind {kind}")
+    try:
+        return tensor_bytes.loads(payload)
+    except tensor_bytes.TensorBytesError as exc:
+        raise WireError(str(exc)) from exc
+
+
+def read_frame(conn: socket.socket) -> tuple[int, bytes, bytes]:
+    """One frame: kind, stream id, payload. ConnectionError (an OSError) when the peer closes the
+    connection, WireError when the length is out of range."""
+    head = bytearray(HEADER.size)
+    recv_exact(conn, memoryview(head))
+    length, kind, sid = HEADER.unpack(head)
+    if not 17 <= length <= MAX_FRAME:
+        raise WireError(f"frame length {length} out of range")
+    payload = bytearray(length - 17)
+    recv_exact(conn, memoryview(payload))
+    return kind, sid, bytes(payload)
 
 
 def encode(sid: bytes, message: DecodeChunk | PrefillResult | InbandError) -> bytes:

@@ -14,37 +14,28 @@ request. Invariants:
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import secrets
 import socket
-import struct
 import threading
 from typing import Literal
 
 from backends.common import trace
+from backends.common.local_socket import LocalListener
 from backends.message import DecodeChunk, InbandError, PrefillResult, wire
-from kv_transfer.control import recv_exact
-
-log = logging.getLogger(__name__)
 
 Item = tuple[Literal["chunk", "result", "error", "lost"], DecodeChunk | PrefillResult | str]
 
 
 class TokenInbox:
     def __init__(self) -> None:
-        self.name = f"disagg-orchestrator-{os.getpid()}-{secrets.token_hex(8)}"
-        self.reply_to = wire.ABSTRACT_PREFIX + self.name
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind("\0" + self.name)
-        self._listener.listen(64)
+        self.name = name = f"disagg-orchestrator-{os.getpid()}-{secrets.token_hex(8)}"
+        self.reply_to = wire.ABSTRACT_PREFIX + name
         self._lock = threading.Lock()
         self._queues: dict[bytes, queue.SimpleQueue[Item]] = {}
         self._model_of: dict[bytes, str] = {}
-        self._conns: set[socket.socket] = set()
-        self._closed = False
-        threading.Thread(target=self._accept, name="inbox-accept", daemon=True).start()
+        self._listener = LocalListener(name, self._read, "inbox")
 
     def open(self, request_id: str, model: str) -> queue.SimpleQueue[Item]:
         """The queue the request's frames from `model` will arrive in; call before sending it the
@@ -61,43 +52,23 @@ class TokenInbox:
             self._queues.pop(sid, None)
             self._model_of.pop(sid, None)
 
+    def lose(self, model: str, reason: str) -> None:
+        """Fails every open request of `model` at once (its instance is gone)."""
+        with self._lock:
+            lost = [self._queues[s] for s, m in self._model_of.items() if m == model and model]
+        for q in lost:
+            q.put(("lost", f"model {model!r} {reason}; the instance may be down"))
+
     def close(self) -> None:
-        with self._lock:  # a connection accepted from now on is closed by _accept
-            self._closed = True
-            conns = list(self._conns)
         self._listener.close()
-        for c in conns:
-            c.close()
-
-    # ---- the threads -----------------------------------------------------------------------
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
-            if uid != os.getuid():
-                log.warning("token channel: refused a peer of uid %d", uid)
-                conn.close()
-                continue
-            with self._lock:
-                closed = self._closed
-                if not closed:
-                    self._conns.add(conn)
-            if closed:  # close() ran while this connection was being accepted
-                conn.close()
-                return
-            threading.Thread(target=self._read, args=(conn,), name="inbox-read", daemon=True).start()
 
     def _read(self, conn: socket.socket) -> None:
+        """One prefill or decode instance's connection, until it ends."""
         model = ""
         reason = "closed its token channel"
         try:
             while True:
-                kind, sid, payload = _read_frame(conn)
+                kind, sid, payload = wire.read_frame(conn)
                 trace.mark("read")
                 message = wire.parse(kind, payload)
                 if isinstance(message, str):
@@ -117,22 +88,4 @@ class TokenInbox:
             reason = f"sent a malformed frame ({exc})"
         except OSError:
             pass
-        finally:
-            conn.close()
-            with self._lock:
-                self._conns.discard(conn)
-                lost = [self._queues[s] for s, m in self._model_of.items() if m == model and model]
-            for q in lost:
-                q.put(("lost", f"model {model!r} {reason}; the instance may be down"))
-
-
-def _read_frame(conn: socket.socket) -> tuple[int, bytes, bytes]:
-    """One frame; ConnectionError (an OSError) when the peer closes the connection."""
-    head = bytearray(wire.HEADER.size)
-    recv_exact(conn, memoryview(head))
-    length, kind, sid = wire.HEADER.unpack(head)
-    if not 17 <= length <= wire.MAX_FRAME:
-        raise wire.WireError(f"frame length {length} out of range")
-    payload = bytearray(length - 17)
-    recv_exact(conn, memoryview(payload))
-    return kind, sid, bytes(payload)
+        self.lose(model, reason)

@@ -44,6 +44,7 @@ from backends.common.triton_glue import (
 from backends.message import ClientRequest, DecodeCancel, DecodeRequest, PrefillRequest, check_parameters
 from backends.message.specs import CLIENT_INPUTS
 from backends.orchestrator.bls import BLSResponses, RetiredIterators
+from backends.orchestrator.doors import DoorError, Doors
 from backends.orchestrator.inbox import TokenInbox
 from backends.orchestrator.pipeline import PhaseError, Pipeline, Timeouts
 from backends.orchestrator.router import RoutingTable
@@ -77,6 +78,8 @@ class TritonPythonModel:
         )
         # Decode's tokens come back over a token channel, not through the server (docs/overhead.md).
         self.inbox = TokenInbox()
+        # Requests go to the phases over their request channels unless told to make BLS calls.
+        self.doors = Doors(self.inbox.lose) if params.phase_requests == "socket" else None
         self.pipeline = Pipeline(self._call, routes, self.leases, self.inbox, timeouts)
         # Each in-flight request holds a thread while it waits on BLS responses (the BLS response
         # iterator blocks), so the pool size is the number of concurrent requests served.
@@ -86,7 +89,15 @@ class TritonPythonModel:
         m = self.metric_registry
         self.request_metrics = RequestMetrics.create(m.create)
 
-    def _call(self, model: str, message: PrefillRequest | DecodeRequest | DecodeCancel) -> BLSResponses:
+    def _call(
+        self, model: str, message: PrefillRequest | DecodeRequest | DecodeCancel
+    ) -> BLSResponses | None:
+        if self.doors is not None:
+            try:
+                self.doors.send(model, message)
+            except DoorError as exc:
+                raise PhaseError(str(exc)) from exc
+            return None
         names = [spec.name for spec in message.REPLY]
         tensors = message.to_tensors()
         request = pb_utils.InferenceRequest(
@@ -155,6 +166,8 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.doors is not None:
+            self.doors.close()
         self.inbox.close()
         self.leases.close()
         self.retired.clear()

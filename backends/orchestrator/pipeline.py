@@ -1,16 +1,18 @@
 """One client request through prefill then decode: the orchestrator's per-request job.
 
-Kept free of pb_utils: the model passes in `call`, which sends a message (backends.message) to a
-model as a BLS request and returns an iterable of its responses' tensors. What the 2.51 python backend cannot do for us is done here:
+Kept free of pb_utils: the model passes in `call`, which hands a message (backends.message) to a
+model, over its request channel (returning None) or as a BLS request (returning an iterable of its
+responses' tensors). What the 2.51 python backend cannot do for us is done here:
 errors arrive in-band (finish_reason "error"), a stop word or a client cancel is sent down to
 decode as an explicit cancel request, and a callee that stops answering (its process died) is
 detected by a stall timeout instead of hanging the client. Prefill's result and decode's tokens
-come back over the token channel (inbox.py), outside the server; the BLS calls themselves are only
-answered "accepted" (or with an in-band error).
+come back over the token channel (inbox.py), outside the server; a BLS call is only answered
+"accepted" (or with an in-band error).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import secrets
@@ -39,7 +41,7 @@ from kv_transfer import LeaseReleaser
 
 Response = Tensors
 T = TypeVar("T")
-Call = Callable[[str, PrefillRequest | DecodeRequest | DecodeCancel], Iterable[Response]]
+Call = Callable[[str, PrefillRequest | DecodeRequest | DecodeCancel], Iterable[Response] | None]
 
 
 class PhaseError(RuntimeError):
@@ -174,8 +176,7 @@ class Pipeline:
         with decode.route(params.max_tokens - 1) as model:
             items = self.inbox.open(request_id, model)
             try:
-                for _ in watched(self.call(model, continuation), self.timeouts.decode_stall_s, "decode"):
-                    pass  # "accepted" (or an in-band error, raised)
+                self._hand(model, continuation, self.timeouts.decode_stall_s, "decode")
                 self._forward(model, request_id, self._channel(items), stream)
             finally:
                 self.inbox.close_stream(request_id)
@@ -188,8 +189,7 @@ class Pipeline:
         timeout_s = self.timeouts.prefill_s
         items = self.inbox.open(request.request_id, model)  # before the call: the result may be quick
         try:
-            for _ in watched(self.call(model, request), timeout_s, "prefill"):
-                pass  # "accepted" (or an in-band error, raised)
+            self._hand(model, request, timeout_s, "prefill")
             kind, value = arrived(items, timeout_s, "prefill")[0]  # the result, or why there is none
             if kind != "result":
                 raise PhaseError(str(value))
@@ -197,6 +197,16 @@ class Pipeline:
             return value
         finally:
             self.inbox.close_stream(request.request_id)
+
+    def _hand(
+        self, model: str, message: PrefillRequest | DecodeRequest | DecodeCancel, timeout_s: float, what: str
+    ) -> None:
+        """Sends a message to a phase. A BLS call's answer ("accepted", or an in-band error, raised)
+        is awaited; one over the request channel has none (errors come over the token channel)."""
+        replies = self.call(model, message)
+        if replies is not None:
+            for _ in watched(replies, timeout_s, what):
+                pass
 
     def _forward(
         self, model: str, request_id: str, batches: Iterable[list[DecodeChunk]], stream: ClientStream
@@ -237,9 +247,6 @@ class Pipeline:
             yield batch
 
     def _cancel(self, model: str, request_id: str) -> None:
-        try:
-            cancel = DecodeCancel(request_id=request_id)
-            for _ in watched(self.call(model, cancel), self.timeouts.cancel_s, "decode cancel"):
-                pass
-        except PhaseError:
-            pass  # best effort: the decode instance is gone or the sequence already ended
+        # Best effort: the decode instance may be gone or the sequence already ended.
+        with contextlib.suppress(PhaseError):
+            self._hand(model, DecodeCancel(request_id=request_id), self.timeouts.cancel_s, "decode cancel")

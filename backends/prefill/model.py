@@ -3,8 +3,9 @@
 Takes a PrefillRequest (input_ids, max_tokens and the sampling inputs; backends.message) and
 answers with a PrefillResult: first_token, kv_handle (empty when the first token already ended the
 request) and finish_reason. The KV stays in this instance's pool under lease until a decode instance pulls it.
-A request with a `reply_to` token channel is answered "accepted" on the call, and its result goes
-over the channel (common/channel.py), written straight from the engine loop.
+A request with a `reply_to` token channel has its result sent over that channel (common/channel.py),
+written straight from the engine loop; the orchestrator sends its requests over this instance's
+request channel (common/door.py), and a BLS call with a reply_to is only answered "accepted".
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any
 
 from backends.common import metrics as M
 from backends.common import trace
-from backends.common.channel import Channels
+from backends.common.channel import Channels, ChannelSink
+from backends.common.door import Door
 from backends.common.params import EngineParams, model_parameters
 from backends.common.pools import RankPools
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
-from backends.message import PrefillRequest
+from backends.message import PrefillRequest, Tensors
 from backends.prefill.worker import PrefillJob, PrefillMetrics, PrefillWorker
 from engine.engine import LLMEngine
 from engine.errors import RequestError
@@ -68,37 +70,49 @@ class TritonPythonModel:
             params.kv_transport,
             self.sender.address,
         )
+        # The orchestrator's requests come over the request channel (BLS calls still work).
+        self.door = Door(args["model_name"], self._admit)
         freeze_startup_heap()
 
     def execute(self, requests: list[Any]) -> None:
         trace.mark("arrive")
         with PB_LOCK:  # the worker threads use pb_utils too (see triton_glue.PB_LOCK)
-            self._accept(requests)
-
-    def _accept(self, requests: list[Any]) -> None:
-        for request in requests:
-            sink = TritonSink(request, inband_errors=True)
-            try:
-                if self.engine.dead is not None:
-                    raise RequestError(f"prefill instance out of service: {self.engine.dead}")
-                req = PrefillRequest.from_tensors(read_inputs(request, PrefillRequest.SPECS))
-                rid = req.request_id or ""
-                trace.mark("p.arrive", rid)
-                channel = self.channels.sink(req.reply_to, rid) if req.reply_to else None
-                seq = self.engine.new_sequence(
-                    list(req.input_ids), req.sampling_params(), request.request_id()
+            for request in requests:
+                self._admit(
+                    read_inputs(request, PrefillRequest.SPECS), TritonSink(request, inband_errors=True)
                 )
-            except RequestError as e:
-                sink.error(str(e))
-                continue
-            if channel is not None:
-                sink.accepted()  # the result goes over the channel
+
+    def _admit(self, tensors: Tensors, call: TritonSink | None = None) -> None:
+        """Admits one request: sent as a BLS call (`call`: its response sender) or over the
+        request channel (no `call`: errors, like the result, go to its reply_to channel)."""
+        channel: ChannelSink | None = None
+        try:
+            req = PrefillRequest.from_tensors(tensors)
+            rid = req.request_id or ""
+            trace.mark("p.arrive", rid)
+            channel = self.channels.sink(req.reply_to, rid) if req.reply_to else None
+            if call is None and channel is None:
+                raise RequestError("a request over the request channel needs a reply_to")
+            if self.engine.dead is not None:
+                raise RequestError(f"prefill instance out of service: {self.engine.dead}")
+            seq = self.engine.new_sequence(list(req.input_ids), req.sampling_params(), rid)
+        except RequestError as e:
+            answer = call or channel
+            if answer is None:
+                log.warning("dropped a request over the request channel: %s", e)
             else:
-                sink.acknowledge()  # directly: the result follows on this call
-            trace.mark("p.acked", rid)
-            self.worker.submit(PrefillJob(seq, channel or sink, trace_id=rid))
+                answer.error(str(e))
+            return
+        if call is not None:
+            if channel is not None:
+                call.accepted()  # the result goes over the channel
+            else:
+                call.acknowledge()  # directly: the result follows on this call
+        trace.mark("p.acked", rid)
+        self.worker.submit(PrefillJob(seq, channel or call, trace_id=rid))  # type: ignore[arg-type]
 
     def finalize(self) -> None:
+        self.door.close()
         self.worker.stop()
         self.channels.close()  # after the worker has ended every request
         self.sender.close()
