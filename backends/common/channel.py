@@ -10,9 +10,11 @@ that channel opens a new connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 
 from backends.common import trace
 from backends.message import DecodeChunk, InbandError, Message, PrefillResult, wire
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class _Connection:
-    def __init__(self, reply_to: str, model: str) -> None:
+    def __init__(self, reply_to: str, model: str, corks: threading.local) -> None:
         if not reply_to.startswith(wire.ABSTRACT_PREFIX):
             raise RequestError(f"unsupported reply_to {reply_to!r}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -33,9 +35,18 @@ class _Connection:
             raise RequestError(f"cannot reach the orchestrator's token channel {reply_to!r}: {exc}") from exc
         self.lock = threading.Lock()
         self.broken = False
-        self.write(wire.hello(model))
+        self._corks = corks
+        self.send(wire.hello(model))
 
     def write(self, data: bytes) -> None:
+        """Sends `data`, or keeps it for the end of the writing thread's Channels.corked() block."""
+        pending: dict[_Connection, list[bytes]] | None = getattr(self._corks, "pending", None)
+        if pending is not None:
+            pending.setdefault(self, []).append(data)
+        else:
+            self.send(data)
+
+    def send(self, data: bytes) -> None:
         with self.lock:
             if self.broken:
                 return
@@ -85,6 +96,7 @@ class Channels:
         self.model = model
         self._lock = threading.Lock()
         self._conns: dict[str, _Connection] = {}
+        self._corks = threading.local()
 
     def sink(self, reply_to: str, request_id: str) -> ChannelSink:
         """A sink for the request; RequestError when the channel cannot be reached."""
@@ -95,8 +107,22 @@ class Channels:
         with self._lock:
             conn = self._conns.get(reply_to)
             if conn is None or conn.broken:
-                conn = self._conns[reply_to] = _Connection(reply_to, self.model)
+                conn = self._conns[reply_to] = _Connection(reply_to, self.model, self._corks)
         return ChannelSink(conn, request_id)  # (the id was checked above)
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Frames this thread writes inside the block go out when it ends, one write per
+        connection (decode: a step's tokens for every request of an orchestrator at once, one
+        wake-up of its reader instead of one per token). Each connection's frames keep their order."""
+        pending: dict[_Connection, list[bytes]] = {}
+        self._corks.pending = pending
+        try:
+            yield
+        finally:
+            self._corks.pending = None
+            for conn, frames in pending.items():
+                conn.send(b"".join(frames))
 
     def close(self) -> None:
         with self._lock:

@@ -41,9 +41,10 @@ class Door:
             self._listener.close()
 
     def _serve(self, conn: socket.socket) -> None:
+        frames = wire.FrameReader(conn)
         try:
             while True:
-                kind, _, payload = wire.read_frame(conn)
+                kind, _, payload = frames.frame()
                 trace.mark("arrive")
                 tensors = wire.parse_request(kind, payload)
                 try:

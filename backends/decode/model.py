@@ -68,6 +68,7 @@ class TritonPythonModel:
                 kv_transfer_failures=m.create(M.KV_TRANSFER_FAILURES),
                 cancelled=m.create(M.CANCELLED),
             ),
+            corked=self.channels.corked,
         )
         # The orchestrator's requests come over the request channel (BLS calls still work).
         self.door = Door(args["model_name"], self._admit)

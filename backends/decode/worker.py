@@ -14,11 +14,14 @@ instance.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -69,12 +72,15 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
         metrics: DecodeMetrics | None = None,
         transfer_threads: int = 4,
         heartbeat_s: float = 1.0,
+        corked: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         super().__init__("decode-loop")
         self.engine = engine
         self.receiver = receiver
         self.metrics = metrics or DecodeMetrics()
         self.heartbeat_s = heartbeat_s
+        # A step's tokens are sent inside corked(): over token channels, in one write per channel.
+        self._corked = corked
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._by_id: dict[str, DecodeJob] = {}
         self._pending: deque[DecodeJob] = deque()  # not yet admitted: no decode memory held
@@ -221,23 +227,25 @@ class DecodeWorker(WorkerLoop[DecodeJob]):
         drawn_ns = time.time_ns()
         trace.mark("step")
         self._batches.landed()
-        for seq, token in zip(seqs, tokens, strict=True):
-            job = self._running[seq]
-            if seq.finished:
-                self._retire(seq)
-                chunk = DecodeChunk(
-                    output_ids=(token,),
-                    finish_reason=seq.finish_reason or "",
-                    output_log_probs=seq.last_log_probs,
-                    last_token_time_ns=drawn_ns,
-                    kv_blocks=seq.blocks_held,  # _retire freed its blocks
-                )
-                self._end(job, chunk)
-            else:
-                job.sink.send(
-                    DecodeChunk(output_ids=(token,), output_log_probs=seq.last_log_probs), final=False
-                )
+        with self._corked():
+            for seq, token in zip(seqs, tokens, strict=True):
+                self._deliver(seq, token, drawn_ns)
         self._update_gauges()
+
+    def _deliver(self, seq: Sequence, token: int, drawn_ns: int) -> None:
+        job = self._running[seq]
+        if seq.finished:
+            self._retire(seq)
+            chunk = DecodeChunk(
+                output_ids=(token,),
+                finish_reason=seq.finish_reason or "",
+                output_log_probs=seq.last_log_probs,
+                last_token_time_ns=drawn_ns,
+                kv_blocks=seq.blocks_held,  # _retire freed its blocks
+            )
+            self._end(job, chunk)
+        else:
+            job.sink.send(DecodeChunk(output_ids=(token,), output_log_probs=seq.last_log_probs), final=False)
 
     def _retire(self, seq: Sequence) -> None:
         """A running sequence leaves: its micro-batch, the running set, its blocks."""

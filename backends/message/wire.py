@@ -34,7 +34,6 @@ import numpy as np
 from backends.message import tensor_bytes
 from backends.message.codec import Tensors
 from backends.message.phases import DecodeChunk, InbandError, PrefillResult
-from kv_transfer.control import recv_exact
 
 HELLO, CHUNK, ERROR, RESULT, REQUEST = 1, 2, 3, 4, 5
 HEADER = struct.Struct("<IB16s")  # length after the u32, kind, stream id
@@ -126,17 +125,34 @@ def parse_request(kind: int, payload: bytes) -> Tensors:
         raise WireError(str(exc)) from exc
 
 
-def read_frame(conn: socket.socket) -> tuple[int, bytes, bytes]:
-    """One frame: kind, stream id, payload. ConnectionError (an OSError) when the peer closes the
-    connection, WireError when the length is out of range."""
-    head = bytearray(HEADER.size)
-    recv_exact(conn, memoryview(head))
-    length, kind, sid = HEADER.unpack(head)
-    if not 17 <= length <= MAX_FRAME:
-        raise WireError(f"frame length {length} out of range")
-    payload = bytearray(length - 17)
-    recv_exact(conn, memoryview(payload))
-    return kind, sid, bytes(payload)
+class FrameReader:
+    """Reads frames from a connection through a buffer: the frames one write carried (decode
+    writes a step's tokens at once) come out of one recv()."""
+
+    def __init__(self, conn: socket.socket, chunk: int = 1 << 16) -> None:
+        self._conn = conn
+        self._chunk = chunk
+        self._buf = bytearray()
+
+    def frame(self) -> tuple[int, bytes, bytes]:
+        """The next frame: kind, stream id, payload. ConnectionError (an OSError) when the peer
+        closes the connection, WireError when the length is out of range."""
+        length, kind, sid = HEADER.unpack(self._take(HEADER.size))
+        if not 17 <= length <= MAX_FRAME:
+            raise WireError(f"frame length {length} out of range")
+        return kind, sid, self._take(length - 17)
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            data = self._conn.recv(max(self._chunk, n - len(self._buf)))
+            if not data:
+                raise ConnectionError(
+                    f"peer closed the connection with {len(self._buf)} bytes of a frame read"
+                )
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
 
 
 def encode(sid: bytes, message: DecodeChunk | PrefillResult | InbandError) -> bytes:

@@ -66,9 +66,10 @@ class TokenInbox:
         """One prefill or decode instance's connection, until it ends."""
         model = ""
         reason = "closed its token channel"
+        frames = wire.FrameReader(conn)
         try:
             while True:
-                kind, sid, payload = wire.read_frame(conn)
+                kind, sid, payload = frames.frame()
                 trace.mark("read")
                 message = wire.parse(kind, payload)
                 if isinstance(message, str):

@@ -106,7 +106,6 @@ class TritonPythonModel:
             requested_output_names=names,
         )
         with PB_LOCK:
-            trace.mark("o.locked", getattr(message, "request_id", "") or "")
             iterator = request.exec(decoupled=True)
         return BLSResponses(iterator, names, self.retired, PhaseError)
 

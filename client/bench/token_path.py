@@ -37,7 +37,7 @@ TOKEN: dict[str, Chain] = {
 FIRST: dict[str, Chain] = {
     "orchestrator": [
         ("client", "send", "client -> server -> orchestrator's execute"),
-        ("orchestrator", "arrive", "orchestrator: tokenize, BLS call -> prefill's execute"),
+        ("orchestrator", "arrive", "orchestrator: tokenize, request channel -> prefill"),
         ("prefill", "arrive", "prefill: queue, batch, engine prefill"),
         ("prefill", "step", "prefill: lease the KV, build the result"),
         ("prefill", "send", "prefill writes the result -> orchestrator has the frame"),
@@ -57,9 +57,8 @@ FIRST: dict[str, Chain] = {
 
 # The orchestrator's first token, per request (tagged events; every hop in order).
 REQUEST_FIRST: list[tuple[str, str]] = [
-    ("o.start", "orchestrator: wait for the stub lock (others' sends and calls)"),
-    ("o.locked", "BLS call: orchestrator -> server -> prefill's execute"),
-    ("p.arrive", 'prefill: admit the request, answer "accepted"'),
+    ("o.start", "orchestrator -> prefill's request channel (or BLS call) -> admission"),
+    ("p.arrive", "prefill: admit the request"),
     ("p.acked", "prefill: wake the engine loop, batch"),
     ("p.launch", "prefill: engine prefill"),
     ("p.step", "prefill: lease the KV"),
