@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from serving import client_inputs, infer_inputs, metric_values, metrics, stream_many, write_repository
+from serving import (
+    client_inputs,
+    infer_inputs,
+    metric_values,
+    metrics,
+    set_parameter,
+    stream_many,
+    write_repository,
+)
 from tritonserver_fixture import start_tritonserver
 
 from backends.launcher import TritonServer
@@ -28,6 +36,9 @@ ENTRY_POINTS = ("ensemble", "tensorrt_llm_bls")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     work = tmp_path_factory.mktemp("trtllm")
     repo = write_repository(work / "repo", tiny_model_dir, tensorrt_llm_entry_points=ENTRY_POINTS)
+    # This entry point reaches prefill and decode by BLS calls through the server, the others over
+    # the phases' request channels (the default): the tests below compare them token for token.
+    set_parameter(repo, "tensorrt_llm_bls", "phase_requests", "bls")
     srv = start_tritonserver(repo, work)
     yield srv
     srv.stop()
@@ -52,8 +63,16 @@ def batch_inputs(
 
 @pytest.mark.parametrize("model", ENTRY_POINTS)
 def test_streaming_with_batch_tensors_equals_the_orchestrator(server: TritonServer, model: str) -> None:
+    def prefill_calls() -> float:  # BLS calls prefill answered (Triton counts requests it routed)
+        return sum(
+            metric_values(metrics(server.metrics_url), "nv_inference_request_success", model="prefill")
+        )
+
+    before = prefill_calls()
     reference = stream_many(server.grpc_url, "orchestrator", [client_inputs(PROMPT, 12)])  # shapes [1]
+    assert prefill_calls() == before  # over the request channel: not through the server
     [got] = stream_many(server.grpc_url, model, [batch_inputs(PROMPT, 12, True)])
+    assert prefill_calls() == before + (model == "tensorrt_llm_bls")
     assert got.error is None and got.output_ids == reference[0].output_ids and got.text == reference[0].text
     assert got.finish_reason == "length" and got.responses >= 2
     logged = stream_many(

@@ -4,6 +4,7 @@ nothing on the file system, and SO_PEERCRED tells who connected."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -40,6 +41,8 @@ class LocalListener:
         with self._lock:  # a connection accepted from now on is closed by _accept
             self._closed = True
             conns = list(self._conns)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); only then is the name free
         self._sock.close()
         for c in conns:
             c.close()
