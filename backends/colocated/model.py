@@ -47,12 +47,12 @@ class TritonPythonModel:
         self.worker = ColocatedWorker(
             self.engine,
             ColocatedMetrics(
-                running=m.create(M.RUNNING_SEQUENCES),
-                waiting=m.create(M.PREFILL_QUEUE_DEPTH),
-                free_blocks=m.create(M.KV_FREE_BLOCKS),
-                batch_size=m.create(M.DECODE_BATCH_SIZE),
-                cancelled=m.create(M.CANCELLED),
-                prefill_seconds=m.create(M.PREFILL_SECONDS),
+                running=m.create_queued(M.RUNNING_SEQUENCES),
+                waiting=m.create_queued(M.PREFILL_QUEUE_DEPTH),
+                free_blocks=m.create_queued(M.KV_FREE_BLOCKS),
+                batch_size=m.create_queued(M.DECODE_BATCH_SIZE),
+                cancelled=m.create_queued(M.CANCELLED),
+                prefill_seconds=m.create_queued(M.PREFILL_SECONDS),
             ),
         )
         freeze_startup_heap()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterable
@@ -195,6 +196,29 @@ class _LockedMetric:
             self._metric = None
 
 
+class _QueuedMetric:
+    """A metric whose updates the caller only queues: the Metrics writer thread makes the IPC.
+    For engine loops, whose steps must not wait on a round trip to the server for a metric."""
+
+    def __init__(
+        self, metric: _LockedMetric, ops: queue.SimpleQueue[tuple[_LockedMetric, str, float] | None]
+    ) -> None:
+        self._metric = metric
+        self._ops = ops
+        self._value: float | None = None
+
+    def set(self, value: float) -> None:
+        if value != self._value:  # engine loops set their gauges every step; most don't change
+            self._value = value
+            self._ops.put((self._metric, "set", value))
+
+    def increment(self, value: float) -> None:
+        self._ops.put((self._metric, "increment", value))
+
+    def observe(self, value: float) -> None:
+        self._ops.put((self._metric, "observe", value))
+
+
 class Metrics:
     """Creates metric families once per model and metrics labelled with the model and instance.
 
@@ -207,14 +231,37 @@ class Metrics:
         self.labels = {"model": model, "instance": instance}
         self._families: dict[str, Any] = {}
         self._metrics: list[_LockedMetric] = []
+        self._ops: queue.SimpleQueue[tuple[_LockedMetric, str, float] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     def close(self) -> None:
-        """Destroys every metric and family now, while the stub can still talk to the server."""
+        """Applies the queued updates, then destroys every metric and family now, while the stub
+        can still talk to the server."""
+        if self._writer is not None:
+            self._ops.put(None)
+            self._writer.join(timeout=5.0)
         with PB_LOCK:
             for metric in self._metrics:
                 metric.close()
             self._metrics.clear()
             self._families.clear()
+
+    def _write(self) -> None:
+        """The writer thread: applies queued updates in order, all that are waiting under one
+        PB_LOCK, until close()."""
+        while True:
+            ops = [self._ops.get()]
+            while True:
+                try:
+                    ops.append(self._ops.get_nowait())
+                except queue.Empty:
+                    break
+            with PB_LOCK:
+                for op in ops:
+                    if op is None:
+                        return
+                    metric, name, value = op
+                    getattr(metric, name)(value)
 
     def _track(self, metric: Any) -> _LockedMetric:
         locked = _LockedMetric(metric)
@@ -227,7 +274,8 @@ class Metrics:
         return self._families[name]
 
     def create(self, spec: MetricSpec) -> _LockedMetric:
-        """This model instance's metric of a catalog family (backends.common.metrics)."""
+        """This model instance's metric of a catalog family (backends.common.metrics); each
+        update is an IPC round trip to the server, made by the caller."""
         kinds = {
             "gauge": pb_utils.MetricFamily.GAUGE,
             "counter": pb_utils.MetricFamily.COUNTER,
@@ -237,3 +285,12 @@ class Metrics:
         if spec.kind == "histogram":
             return self._track(family.Metric(labels=self.labels, buckets=list(spec.buckets)))
         return self._track(family.Metric(labels=self.labels))
+
+    def create_queued(self, spec: MetricSpec) -> _QueuedMetric:
+        """Like create(), for an engine loop: an update is queued and made by this Metrics' writer
+        thread (started with the first such metric), so the loop never waits for the server. The
+        metric lags its updates by the writer's turn; tests poll it."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="metrics-writer", daemon=True)
+            self._writer.start()
+        return _QueuedMetric(self.create(spec), self._ops)

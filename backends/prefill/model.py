@@ -55,13 +55,13 @@ class TritonPythonModel:
             self.engine,
             self.sender,
             PrefillMetrics(
-                waiting=m.create(M.PREFILL_QUEUE_DEPTH),
-                free_blocks=m.create(M.KV_FREE_BLOCKS),
-                active_leases=m.create(M.KV_ACTIVE_LEASES),
-                batch_tokens=m.create(M.PREFILL_BATCH_TOKENS),
-                queue_seconds=m.create(M.PREFILL_QUEUE_SECONDS),
-                cancelled=m.create(M.CANCELLED),
-                prefill_seconds=m.create(M.PREFILL_SECONDS),
+                waiting=m.create_queued(M.PREFILL_QUEUE_DEPTH),
+                free_blocks=m.create_queued(M.KV_FREE_BLOCKS),
+                active_leases=m.create_queued(M.KV_ACTIVE_LEASES),
+                batch_tokens=m.create_queued(M.PREFILL_BATCH_TOKENS),
+                queue_seconds=m.create_queued(M.PREFILL_QUEUE_SECONDS),
+                cancelled=m.create_queued(M.CANCELLED),
+                prefill_seconds=m.create_queued(M.PREFILL_SECONDS),
             ),
         )
         log.info(

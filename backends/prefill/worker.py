@@ -171,7 +171,7 @@ class PrefillWorker(WorkerLoop[PrefillJob]):
                 kv_blocks=seq.blocks_held,
             )
             job.sink.send(result, final=True)
-        # Metrics are IPC to the server: recorded once the first tokens are on their way.
+        # Recorded once the first tokens are on their way (with create() metrics, each is an IPC).
         self.metrics.prefill_seconds.observe(prefill_s)
         self.metrics.batch_tokens.observe(sum(j.seq.prompt_len for j in batch))
         for job in batch:
