@@ -54,7 +54,7 @@ class TritonPythonModel:
         self.metric_registry = m = Metrics(args["model_name"], args["model_instance_name"])
         # Tokens go out from the outbox's thread: the decode loop never waits on a send.
         self.outbox = Outbox(name="decode-outbox")
-        self.channels = Channels(args["model_name"])
+        self.channels = Channels(args["model_name"], writer=True)  # the loop never waits on a socket
         self.worker = DecodeWorker(
             self.engine,
             self.receiver,

@@ -137,22 +137,43 @@ class FrameReader:
     def frame(self) -> tuple[int, bytes, bytes]:
         """The next frame: kind, stream id, payload. ConnectionError (an OSError) when the peer
         closes the connection, WireError when the length is out of range."""
-        length, kind, sid = HEADER.unpack(self._take(HEADER.size))
-        if not 17 <= length <= MAX_FRAME:
-            raise WireError(f"frame length {length} out of range")
-        return kind, sid, self._take(length - 17)
-
-    def _take(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            data = self._conn.recv(max(self._chunk, n - len(self._buf)))
+        while (got := self._parse()) is None:
+            data = self._conn.recv(self._chunk)
             if not data:
                 raise ConnectionError(
                     f"peer closed the connection with {len(self._buf)} bytes of a frame read"
                 )
             self._buf += data
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+        return got
+
+    def ready(self) -> list[tuple[int, bytes, bytes]]:
+        """The frames that have arrived in full by now, without waiting for more."""
+        while True:
+            try:
+                data = self._conn.recv(self._chunk, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not data:
+                break  # closed: the next frame() says so
+            self._buf += data
+        out = []
+        while (got := self._parse()) is not None:
+            out.append(got)
         return out
+
+    def _parse(self) -> tuple[int, bytes, bytes] | None:
+        """The first frame of the buffer, taken out of it, if it is all there."""
+        if len(self._buf) < HEADER.size:
+            return None
+        length, kind, sid = HEADER.unpack_from(self._buf)
+        if not 17 <= length <= MAX_FRAME:
+            raise WireError(f"frame length {length} out of range")
+        end = 4 + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[HEADER.size : end])
+        del self._buf[:end]
+        return kind, sid, payload
 
 
 def encode(sid: bytes, message: DecodeChunk | PrefillResult | InbandError) -> bytes:

@@ -13,7 +13,6 @@ come back over the token channel (inbox.py), outside the server; a BLS call is o
 from __future__ import annotations
 
 import contextlib
-import functools
 import queue
 import secrets
 import threading
@@ -26,7 +25,6 @@ from backends.common.client_stream import ClientStream
 from backends.common.params import OrchestratorParams
 from backends.message import (
     DecodeCancel,
-    DecodeChunk,
     DecodeRequest,
     InbandError,
     PrefillRequest,
@@ -34,7 +32,8 @@ from backends.message import (
     Sampling,
     Tensors,
 )
-from backends.orchestrator.inbox import Item, TokenInbox
+from backends.orchestrator.forwarder import Forwarder, ForwardError
+from backends.orchestrator.inbox import TokenInbox
 from backends.orchestrator.router import RoutingTable
 from engine.sampling import SamplingParams
 from kv_transfer import LeaseReleaser
@@ -174,10 +173,17 @@ class Pipeline:
             **sampling,  # type: ignore[arg-type]
         )
         with decode.route(params.max_tokens - 1) as model:
-            items = self.inbox.open(request_id, model)
+            # Decode's tokens go to the client from the inbox's reader thread (forwarder.py).
+            forwarder = Forwarder(stream, self.timeouts.decode_stall_s)
+            self.inbox.attach(request_id, model, forwarder)
             try:
                 self._hand(model, continuation, self.timeouts.decode_stall_s, "decode")
-                self._forward(model, request_id, self._channel(items), stream)
+                try:
+                    outcome = forwarder.wait()
+                except ForwardError as exc:
+                    raise PhaseError(str(exc)) from None
+                if outcome != "finished":  # a stop word or the client: decode must stop too
+                    self._cancel(model, request_id)
             finally:
                 self.inbox.close_stream(request_id)
         if not stream.done:
@@ -207,44 +213,6 @@ class Pipeline:
         if replies is not None:
             for _ in watched(replies, timeout_s, what):
                 pass
-
-    def _forward(
-        self, model: str, request_id: str, batches: Iterable[list[DecodeChunk]], stream: ClientStream
-    ) -> None:
-        """Decode's chunks to the client until the end, a stop word or a cancel."""
-        for batch in batches:
-            if stream.is_cancelled():
-                stream.cancelled()
-                self._cancel(model, request_id)
-                return
-            # Everything decode sent while this request's last send was under way goes in one.
-            chunk = functools.reduce(DecodeChunk.merge, batch)
-            if chunk.is_heartbeat:
-                continue
-            if stream.perf is not None and chunk.finish_reason:
-                stream.perf.record(last_token_ns=chunk.last_token_time_ns, kv_blocks=chunk.kv_blocks)
-            if stream.push(list(chunk.output_ids), chunk.finish_reason or None, chunk.output_log_probs):
-                if not chunk.finish_reason:  # a stop word: decode must stop too
-                    self._cancel(model, request_id)
-                return
-
-    def _channel(self, items: queue.SimpleQueue[Item]) -> Iterator[list[DecodeChunk]]:
-        """The request's chunks from the token channel, all that have arrived at once; PhaseError
-        on an error, a lost connection, or nothing for the stall timeout."""
-        while True:
-            batch: list[DecodeChunk] = []
-            for kind, value in arrived(items, self.timeouts.decode_stall_s, "decode"):
-                if kind == "chunk":
-                    assert isinstance(value, DecodeChunk)
-                    batch.append(value)
-                    if value.finish_reason:
-                        yield batch
-                        return
-                    continue
-                if batch:
-                    yield batch
-                raise PhaseError(str(value))
-            yield batch
 
     def _cancel(self, model: str, request_id: str) -> None:
         # Best effort: the decode instance may be gone or the sequence already ended.
