@@ -182,9 +182,10 @@ def test_a_malformed_request_frame_closes_only_that_connection() -> None:
         door.close()
 
 
-def test_corked_frames_go_out_together_at_the_end_of_the_block() -> None:
+@pytest.mark.parametrize("writer", [False, True])
+def test_corked_frames_go_out_together_at_the_end_of_the_block(writer: bool) -> None:
     inbox = TokenInbox()
-    channels = Channels("decode")
+    channels = Channels("decode", writer=writer)
     try:
         a, b = rid(), rid()
         qa, qb = inbox.open(a, "decode"), inbox.open(b, "decode")
@@ -206,3 +207,40 @@ def test_corked_frames_go_out_together_at_the_end_of_the_block() -> None:
     finally:
         channels.close()
         inbox.close()
+
+
+def test_a_writer_sends_everything_in_order_before_its_channels_close() -> None:
+    inbox = TokenInbox()
+    channels = Channels("decode", writer=True)
+    try:
+        a = rid()
+        q = inbox.open(a, "decode")
+        sink = channels.sink(inbox.reply_to, a)
+        for i in range(200):
+            sink.send(DecodeChunk(output_ids=(i,)), final=False)
+        channels.close()  # the writer's queue is sent first
+        got = [q.get(timeout=5) for _ in range(200)]
+        assert [c.output_ids for _, c in got] == [(i,) for i in range(200)]  # type: ignore[union-attr]
+    finally:
+        inbox.close()
+
+
+def test_frames_that_arrived_together_are_read_together() -> None:
+    left, right = socket.socketpair()
+    try:
+        frames = [wire.chunk(wire.stream_id(rid()), DecodeChunk(output_ids=(i,))) for i in range(3)]
+        left.sendall(b"".join(frames) + frames[0][:5])  # and the start of a fourth
+        reader = wire.FrameReader(right)
+        first = reader.frame()
+        rest = reader.ready()
+        assert [wire.parse(k, p) for k, _, p in [first, *rest]] == [
+            DecodeChunk(output_ids=(i,)) for i in range(3)
+        ]
+        assert reader.ready() == []  # the fourth is not all there
+        left.sendall(frames[0][5:])
+        assert wire.parse(*reader.frame()[::2]) == DecodeChunk(output_ids=(0,))
+        left.close()
+        with pytest.raises(ConnectionError):
+            reader.frame()
+    finally:
+        right.close()
