@@ -12,7 +12,7 @@ import pytest
 
 from backends.common.client_stream import ClientStream
 from backends.message import DecodeChunk, Message
-from backends.orchestrator.forwarder import ForwardError, Forwarder
+from backends.orchestrator.forwarder import Forwarder, ForwardError
 from backends.orchestrator.inbox import Item
 from engine.tokenizer import load_tokenizer
 
@@ -100,6 +100,6 @@ def test_a_silent_decode_fails_after_the_stall_timeout_and_heartbeats_keep_it_al
     time.sleep(0.8)  # longer than the stall timeout, with heartbeats
     beating.set()  # decode goes silent
     t0 = time.monotonic()
-    with pytest.raises(ForwardError, match="sent nothing for 0.3 s"):
+    with pytest.raises(ForwardError, match=r"sent nothing for 0\.3 s"):
         fwd.wait()
     assert 0.1 < time.monotonic() - t0 < 2.0
