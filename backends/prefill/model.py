@@ -109,7 +109,9 @@ class TritonPythonModel:
             else:
                 call.acknowledge()  # directly: the result follows on this call
         trace.mark("p.acked", rid)
-        self.worker.submit(PrefillJob(seq, channel or call, trace_id=rid))  # type: ignore[arg-type]
+        sink = channel if channel is not None else call
+        assert sink is not None  # one of the two (checked above)
+        self.worker.submit(PrefillJob(seq, sink, trace_id=rid))
 
     def finalize(self) -> None:
         self.door.close()
