@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 class LocalListener:
     """Accepts connections on the abstract name `name` on a thread of its own and hands each one
-    from a process of this user to `serve`, on a new thread; others are closed. bind() raises
-    OSError when the name is taken."""
+    from a process of this user to `serve`, on a new thread; others are closed. The constructor
+    raises OSError when the name is taken."""
 
     def __init__(self, name: str, serve: Callable[[socket.socket], None], what: str) -> None:
         self.name = name
@@ -45,7 +45,8 @@ class LocalListener:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept(); only then is the name free
         self._sock.close()
         for c in conns:
-            c.close()
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)  # wakes its reader, which closes it
 
     def _accept(self) -> None:
         while not self._closed:
