@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from backends.common import trace
 from backends.common.local_socket import LocalListener
+from backends.common.sink import ResponseSink
 from backends.message import Tensors, wire
 
 log = logging.getLogger(__name__)
@@ -55,3 +56,13 @@ class Door:
             log.warning("request channel: closed a connection that sent a malformed frame (%s)", exc)
         except OSError:
             pass  # the orchestrator went away
+
+
+def refuse(error: str, call: ResponseSink | None, channel: ResponseSink | None) -> None:
+    """Answers a request refused at admission: on its BLS call (`call`), else on its reply_to
+    channel. A request over the request channel whose reply_to could not be read can only be logged."""
+    answer = call or channel
+    if answer is None:
+        log.warning("dropped a request over the request channel: %s", error)
+    else:
+        answer.error(error)

@@ -19,7 +19,7 @@ from typing import Any
 from backends.common import metrics as M
 from backends.common import trace
 from backends.common.channel import Channels, ChannelSink
-from backends.common.door import Door
+from backends.common.door import Door, refuse
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
 from backends.common.pools import RankPools
@@ -100,11 +100,7 @@ class TritonPythonModel:
             seq = self._sequence(message)
             handle = KVHandle.decode(message.kv_handle)
         except (RequestError, KVHandleError) as e:
-            answer = call or channel
-            if answer is None:
-                log.warning("dropped a request over the request channel: %s", e)
-            else:
-                answer.error(str(e))
+            refuse(str(e), call, channel)
             return
         if channel is not None:
             if call is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from backends.common import metrics as M
 from backends.common import trace
 from backends.common.channel import Channels, ChannelSink
-from backends.common.door import Door
+from backends.common.door import Door, refuse
 from backends.common.params import EngineParams, model_parameters
 from backends.common.pools import RankPools
 from backends.common.triton_glue import PB_LOCK, Metrics, TritonSink, freeze_startup_heap, read_inputs
@@ -97,11 +97,7 @@ class TritonPythonModel:
                 raise RequestError(f"prefill instance out of service: {self.engine.dead}")
             seq = self.engine.new_sequence(list(req.input_ids), req.sampling_params(), rid)
         except RequestError as e:
-            answer = call or channel
-            if answer is None:
-                log.warning("dropped a request over the request channel: %s", e)
-            else:
-                answer.error(str(e))
+            refuse(str(e), call, channel)
             return
         if call is not None:
             if channel is not None:
