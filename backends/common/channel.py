@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import socket
 import threading
 from collections.abc import Callable, Iterator
 
-from backends.common import trace
+from backends.common import local_socket, trace
+from backends.common.queues import take_all
 from backends.message import DecodeChunk, InbandError, Message, PrefillResult, wire
 from engine.errors import RequestError
 
@@ -32,11 +32,9 @@ class _Connection:
     def __init__(self, reply_to: str, model: str, emit: Emit) -> None:
         if not reply_to.startswith(wire.ABSTRACT_PREFIX):
             raise RequestError(f"unsupported reply_to {reply_to!r}")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.sock.connect("\0" + reply_to[len(wire.ABSTRACT_PREFIX) :])
+            self.sock = local_socket.connect(reply_to[len(wire.ABSTRACT_PREFIX) :])
         except OSError as exc:
-            self.sock.close()
             raise RequestError(f"cannot reach the orchestrator's token channel {reply_to!r}: {exc}") from exc
         self.lock = threading.Lock()
         self.broken = False
@@ -147,12 +145,7 @@ class Channels:
         waits, until close() queues None."""
         assert self._queue is not None
         while True:
-            items = [self._queue.get()]
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            items = take_all(self._queue)
             batches: dict[_Connection, list[bytes]] = {}
             stop = False
             for item in items:

@@ -1,6 +1,7 @@
-"""Listening on Linux's abstract Unix socket namespace for peers of this user only: the token
-channel (orchestrator/inbox.py) and the request channels (common/door.py). Abstract names leave
-nothing on the file system, and SO_PEERCRED tells who connected."""
+"""Local sockets on Linux's abstract Unix namespace: listening for peers of this user only, and
+connecting. The token channel (orchestrator/inbox.py, common/channel.py) and the request channels
+(common/door.py, orchestrator/doors.py) use them. Abstract names leave nothing on the file system,
+and SO_PEERCRED tells who connected."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+
+def connect(name: str) -> socket.socket:
+    """A connection to the listener on the abstract name `name`; OSError when there is none."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect("\0" + name)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class LocalListener:

@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from backends.common import trace
 from backends.common.metrics import MetricSpec
+from backends.common.queues import take_all
 from backends.common.stub_lock import PB_LOCK
 from backends.message import InbandError, Message, Tensors, TensorSpec
 
@@ -250,12 +251,7 @@ class Metrics:
         """The writer thread: applies queued updates in order, all that are waiting under one
         PB_LOCK, until close()."""
         while True:
-            ops = [self._ops.get()]
-            while True:
-                try:
-                    ops.append(self._ops.get_nowait())
-                except queue.Empty:
-                    break
+            ops = take_all(self._ops)
             with PB_LOCK:
                 for op in ops:
                     if op is None:

@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+from backends.common import local_socket
 from backends.message import DecodeCancel, DecodeRequest, PrefillRequest, wire
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,9 @@ class DoorError(RuntimeError):
 class _Door:
     def __init__(self, model: str, on_lost: Callable[[str, str], None]) -> None:
         self.model = model
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.sock.connect("\0" + wire.door_name(model))
+            self.sock = local_socket.connect(wire.door_name(model))
         except OSError as exc:
-            self.sock.close()
             raise DoorError(f"cannot reach model {model!r}'s request channel: {exc}") from exc
         self.lock = threading.Lock()
         self.broken = False

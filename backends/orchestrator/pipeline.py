@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from backends.common import trace
 from backends.common.client_stream import ClientStream
 from backends.common.params import OrchestratorParams
+from backends.common.queues import take_all
 from backends.message import (
     DecodeCancel,
     DecodeRequest,
@@ -60,14 +61,9 @@ def arrived(q: queue.SimpleQueue[T], timeout_s: float, what: str) -> list[T]:
     """At least one item of the queue (PhaseError if none comes within timeout_s: the callee may be
     down), then every item that has arrived since, in order."""
     try:
-        got = [q.get(timeout=timeout_s)]
+        return take_all(q, timeout_s)
     except queue.Empty:
         raise PhaseError(f"{what} sent nothing for {timeout_s:g} s; the instance may be down") from None
-    while True:
-        try:
-            got.append(q.get_nowait())
-        except queue.Empty:
-            return got
 
 
 def watched(responses: Iterable[Response], timeout_s: float, what: str) -> Iterator[Response]:
