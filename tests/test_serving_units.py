@@ -299,6 +299,21 @@ def test_metric_catalog_declares_each_family_once() -> None:
         assert list(m.buckets) == sorted(m.buckets)
 
 
+def test_coalesced_metric_updates_leave_every_metric_as_the_whole_list_does() -> None:
+    from backends.common.metrics import coalesce
+
+    updates = [
+        ("free", "set", 10.0), ("lat", "observe", 0.5), ("free", "set", 9.0), ("n", "increment", 2.0),
+        ("lat", "observe", 0.25), ("n", "increment", 3.0), ("free", "set", 9.0), ("lat", "observe", 0.5),
+    ]  # fmt: skip
+    out = coalesce(updates)
+    assert sorted(out) == [
+        ("free", "set", 9.0), ("lat", "observe", 0.25), ("lat", "observe", 0.5), ("lat", "observe", 0.5),
+        ("n", "increment", 5.0),
+    ]  # fmt: skip
+    assert coalesce([]) == []
+
+
 class _Count:
     def __init__(self) -> None:
         self.value = 0.0

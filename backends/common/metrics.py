@@ -4,7 +4,10 @@ pb_utils.MetricFamily (triton_glue.Metrics.create), tests with plain recorders."
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from collections.abc import Hashable, Iterable
+from typing import NamedTuple, Protocol, TypeVar
+
+M = TypeVar("M", bound=Hashable)
 
 
 class Gauge(Protocol):
@@ -31,6 +34,28 @@ class _Null:
 
 
 NULL = _Null()
+
+
+def coalesce(updates: Iterable[tuple[M, str, float]]) -> list[tuple[M, str, float]]:
+    """Queued (metric, "set" | "increment" | "observe", value) updates reduced to fewer that leave
+    every metric as the whole list would: a gauge's last set, a counter's increments summed, and
+    every histogram observation. Metrics are independent, so their order among each other is free."""
+    sets: dict[M, float] = {}
+    increments: dict[M, float] = {}
+    observations: list[tuple[M, str, float]] = []
+    for metric, op, value in updates:
+        if op == "set":
+            sets[metric] = value
+        elif op == "increment":
+            increments[metric] = increments.get(metric, 0.0) + value
+        else:
+            observations.append((metric, op, value))
+    return [
+        *((m, "set", v) for m, v in sets.items()),
+        *((m, "increment", v) for m, v in increments.items()),
+        *observations,
+    ]
+
 
 # Bucket bounds (seconds) for latency histograms: 1 ms .. 60 s, roughly x2.5 apart.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

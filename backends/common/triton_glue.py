@@ -20,7 +20,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.common import trace
-from backends.common.metrics import MetricSpec
+from backends.common.metrics import MetricSpec, coalesce
 from backends.common.queues import take_all
 from backends.common.stub_lock import PB_LOCK
 from backends.message import InbandError, Message, Tensors, TensorSpec
@@ -28,6 +28,8 @@ from backends.message import InbandError, Message, Tensors, TensorSpec
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 0.05
+# Queued metric updates reach the server within this; a Prometheus scrape is seconds apart.
+METRICS_FLUSH_S = 0.025
 
 
 def freeze_startup_heap() -> None:
@@ -248,16 +250,19 @@ class Metrics:
             self._families.clear()
 
     def _write(self) -> None:
-        """The writer thread: applies queued updates in order, all that are waiting under one
-        PB_LOCK, until close()."""
+        """The writer thread: at most every METRICS_FLUSH_S, applies the updates queued since,
+        coalesced (one IPC per gauge and counter, one per observation), under one PB_LOCK, until
+        close(). An engine loop updates metrics every step; waking per step cost decode's
+        process a thread wake-up and a GIL hand-off each."""
         while True:
             ops = take_all(self._ops)
+            closing = None in ops
             with PB_LOCK:
-                for op in ops:
-                    if op is None:
-                        return
-                    metric, name, value = op
+                for metric, name, value in coalesce(op for op in ops if op is not None):
                     getattr(metric, name)(value)
+            if closing:
+                return
+            time.sleep(METRICS_FLUSH_S)
 
     def _track(self, metric: Any) -> _LockedMetric:
         locked = _LockedMetric(metric)
@@ -285,7 +290,7 @@ class Metrics:
     def create_queued(self, spec: MetricSpec) -> _QueuedMetric:
         """Like create(), for an engine loop: an update is queued and made by this Metrics' writer
         thread (started with the first such metric), so the loop never waits for the server. The
-        metric lags its updates by the writer's turn; tests poll it."""
+        metric lags its updates by up to METRICS_FLUSH_S and the writer's turn; tests poll it."""
         if self._writer is None:
             self._writer = threading.Thread(target=self._write, name="metrics-writer", daemon=True)
             self._writer.start()
