@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import NamedTuple, Protocol, TypeVar
 
-M = TypeVar("M", bound=Hashable)
+MetricT = TypeVar("MetricT", bound=Hashable)
 
 
 class Gauge(Protocol):
@@ -36,13 +36,13 @@ class _Null:
 NULL = _Null()
 
 
-def coalesce(updates: Iterable[tuple[M, str, float]]) -> list[tuple[M, str, float]]:
+def coalesce(updates: Iterable[tuple[MetricT, str, float]]) -> list[tuple[MetricT, str, float]]:
     """Queued (metric, "set" | "increment" | "observe", value) updates reduced to fewer that leave
     every metric as the whole list would: a gauge's last set, a counter's increments summed, and
     every histogram observation. Metrics are independent, so their order among each other is free."""
-    sets: dict[M, float] = {}
-    increments: dict[M, float] = {}
-    observations: list[tuple[M, str, float]] = []
+    sets: dict[MetricT, float] = {}
+    increments: dict[MetricT, float] = {}
+    observations: list[tuple[MetricT, str, float]] = []
     for metric, op, value in updates:
         if op == "set":
             sets[metric] = value
