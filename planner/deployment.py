@@ -81,6 +81,14 @@ class Deployment:
         return (*self.prefill, *self.decode, *((self.colocated,) if self.colocated else ()))
 
 
+# On CPU prefill and decode share the cores. Decode's loop is runnable whenever it has sequences, so
+# at an even priority the server's, orchestrator's and clients' threads preempt prefill, whose
+# bursts TTFT waits on, as often as decode; a lower priority for decode makes them take decode's
+# share first. 5 restored the TTFT attainment under load that decode's faster loop had cost
+# (docs/overhead.md, "Decode's CPU priority").
+DECODE_CPU_NICE = 5
+
+
 def default_deployment(
     model_dir: str,
     device: str = "cpu",
@@ -93,13 +101,14 @@ def default_deployment(
     """One prefill (over prefill_tp x prefill_pp ranks), one decode (decode_tp x decode_pp), one
     colocated at TP 1, PP 1 and the orchestrator, each with `num_blocks` KV blocks of 16 tokens (a
     few MB for the tiny default model, 46 KB per token for SmolLM2-135M). On CUDA the instances'
-    ranks take GPUs 0, 1, ... (all instances from GPU 0 up); on CPU every rank is a process."""
+    ranks take GPUs 0, 1, ... (all instances from GPU 0 up); on CPU every rank is a process, and
+    decode's run at DECODE_CPU_NICE."""
     transport = "cuda_ipc" if device == "cuda" else "shm"
     dtype = "float16" if device == "cuda" else "float32"
     # On CPU the model processes share the cores: one torch thread each avoids oversubscription.
     threads = 1 if device == "cpu" else None
 
-    def engine(tp: int, pp: int = 1) -> EngineParams:
+    def engine(tp: int, pp: int = 1, cpu_nice: int = 0) -> EngineParams:
         ids = tuple(range(tp * pp)) if device == "cuda" else ()
         return EngineParams(
             model_dir,
@@ -112,11 +121,12 @@ def default_deployment(
             num_threads=threads,
             device_ids=ids,
             kv_transport=transport,
+            cpu_nice=cpu_nice if device == "cpu" else 0,
         )
 
     return Deployment(
         prefill=(ReplicaSpec("prefill", "prefill", engine(prefill_tp, prefill_pp)),),
-        decode=(ReplicaSpec("decode", "decode", engine(decode_tp, decode_pp)),),
+        decode=(ReplicaSpec("decode", "decode", engine(decode_tp, decode_pp, DECODE_CPU_NICE)),),
         orchestrator=OrchestratorParams(model_dir),
         colocated=ReplicaSpec("colocated", "colocated", engine(1)),
     )

@@ -3,7 +3,9 @@ colocated model and transformers, over gRPC streaming and HTTP generate."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -14,10 +16,19 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from serving import StreamResult, client_inputs, metric_values, metrics, stream_many, write_repository
+from serving import (
+    StreamResult,
+    client_inputs,
+    metric_values,
+    metrics,
+    stream_many,
+    stub_pids,
+    write_repository,
+)
 from tritonserver_fixture import start_tritonserver
 
 from backends.launcher import TritonServer
+from planner.deployment import DECODE_CPU_NICE
 
 pytestmark = pytest.mark.e2e
 
@@ -93,6 +104,20 @@ def test_sixteen_streams_match_colocated_and_transformers(server: TritonServer, 
         expected = _hf_greedy(tiny_model_dir, prompt, n)
         got = disagg[cases.index((prompt, n))]
         assert got.output_ids == expected
+
+
+def test_decode_runs_at_the_lower_cpu_priority_its_parameters_ask(server: TritonServer) -> None:
+    """cpu_nice: every thread of decode's stub (the loop, the writers, the KV pulls, the stub's own)
+    runs at the server's nice value plus the repository's increment; prefill's and colocated's at
+    the server's."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the server inherits the test's nice value
+    for model, increment in (("prefill", 0), ("decode", DECODE_CPU_NICE), ("colocated", 0)):
+        [pid] = stub_pids(server.config.model_repository, model)
+        nice = set()
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                nice.add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+        assert nice == {min(19, base + increment)}, model
 
 
 def test_a_burst_of_long_prompts_is_prefilled_in_shared_batches(server: TritonServer) -> None:

@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from backends.common.params import EngineParams, OrchestratorParams, ParameterError
 from backends.message import MODEL_INTERFACES
 from planner import PlannerError
-from planner.deployment import Deployment, ReplicaSpec, default_deployment, replica_names
+from planner.deployment import DECODE_CPU_NICE, Deployment, ReplicaSpec, default_deployment, replica_names
 from planner.repository import main, write_repository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +73,14 @@ def test_default_repository_follows_the_conventions(tmp_path: Path) -> None:
     )
     for key in ("dtype", "block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs", "tp_size",
                 "pp_size", "num_threads", "decode_attention", "kv_transport", "kv_lease_seconds",
-                "device_ids"):  # fmt: skip
+                "device_ids", "cpu_nice"):  # fmt: skip
         assert key in eng
+    # On CPU decode runs at a lower priority than the phases and the server it shares the cores with.
+    nice = {
+        m: params(parse(tmp_path / m / "config.pbtxt"))["cpu_nice"]
+        for m in ("prefill", "decode", "colocated")
+    }
+    assert nice == {"prefill": "0", "decode": str(DECODE_CPU_NICE), "colocated": "0"} and DECODE_CPU_NICE > 0
 
 
 def test_gpu_instance_groups_and_stale_models(tmp_path: Path) -> None:
@@ -99,6 +105,7 @@ def test_gpu_instance_groups_and_stale_models(tmp_path: Path) -> None:
     d = parse(tmp_path / "decode" / "config.pbtxt")
     assert d.instance_group[0].kind == mc.ModelInstanceGroup.KIND_MODEL
     assert params(d)["device_ids"] == "2,3" and params(d)["tp_size"] == "2"
+    assert params(d)["cpu_nice"] == "0"
     assert (
         params(parse(tmp_path / "orchestrator" / "config.pbtxt"))["prefill_models"] == "prefill_0,prefill_1"
     )
@@ -108,6 +115,10 @@ def test_deployment_validation() -> None:
     assert replica_names("decode", 1) == ["decode"] and replica_names("decode", 2) == ["decode_0", "decode_1"]
     with pytest.raises(ParameterError, match="device must be"):
         EngineParams("/m", device="tpu")
+    with pytest.raises(ParameterError, match="cpu_nice must be <= 19, got 20"):
+        EngineParams("/m", cpu_nice=20)
+    with pytest.raises(ParameterError, match="cpu_nice must be >= 0, got -1"):
+        EngineParams.from_parameters({"model_dir": "/m", "cpu_nice": "-1"})
     with pytest.raises(ParameterError, match="num_blocks"):
         EngineParams("/m", num_blocks=0)
     with pytest.raises(ParameterError, match="needs device ids"):

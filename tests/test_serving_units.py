@@ -341,3 +341,43 @@ def test_client_stream_counts_tokens_and_failures(tokenizer: object) -> None:
     assert {k: c.value for k, c in counts.items()} == {
         "prompt_tokens": 12, "generation_tokens": 6, "failures": 1,
     }  # fmt: skip
+
+
+_LOWER_PRIORITY = """
+import os, sys, threading
+from backends.common.cpu_priority import lower_priority
+start, stop = threading.Event(), threading.Event()
+t = threading.Thread(target=lambda: (start.set(), stop.wait()), daemon=True)
+t.start(); start.wait()
+got = lower_priority(int(sys.argv[1]))
+each = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")}
+later = []
+u = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
+u.start(); u.join(); stop.set()
+print(got, *sorted(each), *later)
+"""
+
+
+@pytest.mark.parametrize("increment", [0, 3, 30])
+def test_lower_priority_lowers_every_thread_and_what_they_start(increment: int) -> None:
+    """In a child process (this one keeps its priority): the threads running before the call and one
+    started after it all end at the process's nice value plus the increment, at most 19."""
+    import os
+    import subprocess
+    import sys
+
+    from backends.common.cpu_priority import lower_priority
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    out = subprocess.run(
+        [sys.executable, "-c", _LOWER_PRIORITY, str(increment)],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+    ).stdout.split()  # fmt: skip
+    expected = str(min(19, base + increment))
+    assert out == [
+        expected,
+        expected,
+        expected,
+    ]  # the caller's, every thread's (one value), the later thread's
+    with pytest.raises(ValueError, match="must be >= 0"):
+        lower_priority(-1)

@@ -13,6 +13,7 @@ from backends.colocated.worker import ColocatedMetrics, ColocatedWorker
 from backends.common import metrics as M
 from backends.common import trace
 from backends.common.client_stream import ClientStream, RequestMetrics
+from backends.common.cpu_priority import lower_priority
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
 from backends.common.triton_glue import (
@@ -36,6 +37,7 @@ class TritonPythonModel:
         trace.configure(args["model_name"])
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
+        lower_priority(params.cpu_nice)  # first: every thread and worker started below inherits it
         engine_config = params.engine_config(root)
         self.engine = LLMEngine(engine_config)
         self.tokenizer = load_tokenizer(engine_config.model_dir)

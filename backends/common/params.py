@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from backends.common.cpu_priority import MAX_NICE
 from engine.config import EngineConfig, ModelConfig
 
 P = TypeVar("P", bound="ParamGroup")
@@ -132,6 +133,12 @@ class EngineParams(ParamGroup):
     placement: str = param(
         "", "node:device of every GPU of the instance in a multi-node plan (informational)"
     )
+    cpu_nice: int = param(
+        0,
+        f"nice value added to the instance's threads and workers (0-{MAX_NICE}): where phases share "
+        "CPU cores, a higher value lets the other phases' threads run first",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,6 +146,8 @@ class EngineParams(ParamGroup):
             raise ParameterError("a CUDA replica needs device ids (parameter device_ids)")
         if self.device == "cpu" and self.device_ids:
             raise ParameterError("CPU replicas take no device ids")
+        if self.cpu_nice > MAX_NICE:
+            raise ParameterError(f"parameter cpu_nice must be <= {MAX_NICE}, got {self.cpu_nice}")
         if any(d < 0 for d in self.device_ids):
             raise ParameterError(f"device ids must be >= 0, got {self.device_ids}")
 

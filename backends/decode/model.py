@@ -19,6 +19,7 @@ from typing import Any
 from backends.common import metrics as M
 from backends.common import trace
 from backends.common.channel import Channels, ChannelSink
+from backends.common.cpu_priority import lower_priority
 from backends.common.door import Door, refuse
 from backends.common.outbox import Outbox
 from backends.common.params import EngineParams, model_parameters
@@ -43,6 +44,7 @@ class TritonPythonModel:
         trace.configure(args["model_name"])
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
+        lower_priority(params.cpu_nice)  # first: every thread and worker started below inherits it
         engine_config = params.engine_config(root)
         # With several ranks rank 0 pulls every rank's KV (its heads of its stage's layers): the
         # pools are shared with it.

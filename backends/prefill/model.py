@@ -16,6 +16,7 @@ from typing import Any
 from backends.common import metrics as M
 from backends.common import trace
 from backends.common.channel import Channels, ChannelSink
+from backends.common.cpu_priority import lower_priority
 from backends.common.door import Door, refuse
 from backends.common.params import EngineParams, model_parameters
 from backends.common.pools import RankPools
@@ -35,6 +36,7 @@ class TritonPythonModel:
         trace.configure(args["model_name"])
         raw, root = model_parameters(args)
         params = EngineParams.from_parameters(raw)
+        lower_priority(params.cpu_nice)  # first: every thread and worker started below inherits it
         engine_config = params.engine_config(root)
         # shm: the pools live in named segments that decode instances map read-only; with several
         # ranks rank 0 leases every rank's pool, so they are shared with it too.
