@@ -107,6 +107,7 @@ def default_deployment(
     dtype = "float16" if device == "cuda" else "float32"
     # On CPU the model processes share the cores: one torch thread each avoids oversubscription.
     threads = 1 if device == "cpu" else None
+    decode_nice = DECODE_CPU_NICE if device == "cpu" else 0
 
     def engine(tp: int, pp: int = 1, cpu_nice: int = 0) -> EngineParams:
         ids = tuple(range(tp * pp)) if device == "cuda" else ()
@@ -121,12 +122,12 @@ def default_deployment(
             num_threads=threads,
             device_ids=ids,
             kv_transport=transport,
-            cpu_nice=cpu_nice if device == "cpu" else 0,
+            cpu_nice=cpu_nice,
         )
 
     return Deployment(
         prefill=(ReplicaSpec("prefill", "prefill", engine(prefill_tp, prefill_pp)),),
-        decode=(ReplicaSpec("decode", "decode", engine(decode_tp, decode_pp, DECODE_CPU_NICE)),),
+        decode=(ReplicaSpec("decode", "decode", engine(decode_tp, decode_pp, decode_nice)),),
         orchestrator=OrchestratorParams(model_dir),
         colocated=ReplicaSpec("colocated", "colocated", engine(1)),
     )

@@ -27,6 +27,7 @@ from serving import (
 )
 from tritonserver_fixture import start_tritonserver
 
+from backends.common.cpu_priority import MAX_NICE
 from backends.launcher import TritonServer
 from planner.deployment import DECODE_CPU_NICE
 
@@ -117,7 +118,7 @@ def test_decode_runs_at_the_lower_cpu_priority_its_parameters_ask(server: Triton
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
                 nice.add(os.getpriority(os.PRIO_PROCESS, int(tid)))
-        assert nice == {min(19, base + increment)}, model
+        assert nice == {min(MAX_NICE, base + increment)}, model
 
 
 def test_a_burst_of_long_prompts_is_prefilled_in_shared_batches(server: TritonServer) -> None:

@@ -30,9 +30,18 @@ class ParameterError(ValueError):
     """A model parameter is missing, malformed or out of range; the message names it."""
 
 
-def param(default: Any, doc: str, *, choices: tuple[str, ...] = (), minimum: float | None = None) -> Any:
-    """A parameter: its default, what it means, and its allowed values or lower bound."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum})
+def param(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
+    """A parameter: its default, what it means, and its allowed values or bounds."""
+    return dataclasses.field(
+        default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum}
+    )
 
 
 class ParamGroup:
@@ -41,12 +50,14 @@ class ParamGroup:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            choices, minimum = f.metadata["choices"], f.metadata["minimum"]
+            choices, minimum, maximum = f.metadata["choices"], f.metadata["minimum"], f.metadata["maximum"]
             if choices and value not in choices:
                 allowed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
                 raise ParameterError(f"{f.name} must be {allowed}, got {value!r}")
             if minimum is not None and value is not None and value < minimum:
                 raise ParameterError(f"parameter {f.name} must be >= {minimum:g}, got {value}")
+            if maximum is not None and value is not None and value > maximum:
+                raise ParameterError(f"parameter {f.name} must be <= {maximum:g}, got {value}")
 
     def to_parameters(self) -> dict[str, str]:
         """Every parameter as the string config.pbtxt holds (None and () as "")."""
@@ -138,6 +149,7 @@ class EngineParams(ParamGroup):
         f"nice value added to the instance's threads and workers (0-{MAX_NICE}): where phases share "
         "CPU cores, a higher value lets the other phases' threads run first",
         minimum=0,
+        maximum=MAX_NICE,
     )
 
     def __post_init__(self) -> None:
@@ -146,8 +158,6 @@ class EngineParams(ParamGroup):
             raise ParameterError("a CUDA replica needs device ids (parameter device_ids)")
         if self.device == "cpu" and self.device_ids:
             raise ParameterError("CPU replicas take no device ids")
-        if self.cpu_nice > MAX_NICE:
-            raise ParameterError(f"parameter cpu_nice must be <= {MAX_NICE}, got {self.cpu_nice}")
         if any(d < 0 for d in self.device_ids):
             raise ParameterError(f"device ids must be >= 0, got {self.device_ids}")
 
